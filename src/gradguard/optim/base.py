@@ -1,0 +1,285 @@
+"""The base class every gradguard optimizer derives from.
+
+It is a :class:`torch.optim.Optimizer`, so LR schedulers, ``GradScaler``,
+step hooks, trainers and ``state_dict()`` work unchanged. On top of torch's
+base it adds three things, once, for every algorithm:
+
+* **validated hyperparameters**: each subclass lists a :class:`Rule` per
+  hyperparameter; every parameter group is checked against them, so a bad value
+  raises ``ValueError`` naming the argument, the value and what is allowed;
+* **one implementation choice**: ``impl`` is ``"reference"`` (readable
+  per-tensor math), ``"foreach"`` (torch's multi-tensor ops), ``"fused"``
+  (torch's fused kernels, where the algorithm has one) or ``"auto"`` (the
+  fastest valid path for the group's devices and dtypes), resolved at each step
+  from the tensors actually present;
+* **state precision**: ``state_dtype`` (default: float32 state for
+  float16/bfloat16 parameters, the parameter's dtype otherwise). When the state
+  dtype differs from the parameter's, the update is computed in the state dtype
+  and the result rounded once into the parameter.
+
+Subclasses implement :meth:`_init_state` (create one parameter's state) and
+:meth:`_update` (apply the algorithm to lists of tensors with the chosen impl).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ._validation import Choice, Rule
+
+IMPLS: tuple[str, ...] = ("auto", "reference", "foreach", "fused")
+"""The values ``impl=`` accepts."""
+
+FLOAT_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+LOW_PRECISION: frozenset[torch.dtype] = frozenset({torch.float16, torch.bfloat16})
+FUSED_DEVICES: frozenset[str] = frozenset({"cpu", "cuda"})
+
+# Keys torch.optim keeps in param groups to pick an implementation. gradguard
+# has one ``impl`` key instead; these are translated when a torch.optim state
+# dict is loaded.
+_TORCH_IMPL_KEYS: tuple[str, ...] = ("foreach", "fused", "capturable", "differentiable")
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
+
+
+def dtype_name(dtype: torch.dtype | str | None) -> str | None:
+    """Normalise a ``state_dtype`` argument to its name (``"float32"``) or None."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        for name, value in FLOAT_DTYPES.items():
+            if value == dtype:
+                return name
+    elif isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name in FLOAT_DTYPES:
+            return name
+    raise ValueError(f"invalid state_dtype={dtype!r}: allowed are None or one of "
+                     + ", ".join(FLOAT_DTYPES))
+
+
+def scalar_step(device: torch.device | None = None) -> Tensor:
+    """A fresh step counter: a 0-dim float tensor, as torch.optim keeps it.
+
+    float32 (float64 when that is torch's default dtype) on the CPU; on the
+    parameter's device when the fused kernels need it there. Never the
+    parameter's low-precision dtype, so counts stay exact to 2**24 or beyond.
+    """
+    if device is not None and device.type != "cpu":
+        return torch.zeros((), dtype=torch.float32, device=device)
+    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    return torch.tensor(0.0, dtype=dtype)
+
+
+def group_by_device_and_dtype(
+    *tensor_lists: list[Tensor],
+) -> list[tuple[tuple[torch.device, torch.dtype], list[list[Tensor]]]]:
+    """Split parallel tensor lists into runs sharing the first list's device and dtype.
+
+    foreach and fused kernels take tensors of one device and dtype at a time.
+    Empty lists (e.g. ``max_exp_avg_sqs`` without amsgrad) stay empty.
+    """
+    order: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensor_lists[0]):
+        order.setdefault((t.device, t.dtype), []).append(i)
+    return [
+        (key, [[lst[i] for i in idx] if lst else [] for lst in tensor_lists])
+        for key, idx in order.items()
+    ]
+
+
+class Optimizer(torch.optim.Optimizer):
+    """Base class: torch.optim's contract plus validation, ``impl`` and ``state_dtype``."""
+
+    supported_impls: ClassVar[tuple[str, ...]] = ("reference", "foreach")
+    """Implementations this algorithm has (besides ``"auto"``)."""
+
+    hyperparameter_rules: ClassVar[Mapping[str, Rule]] = {}
+    """What each hyperparameter may be; checked for every parameter group."""
+
+    def __init__(
+        self,
+        params: ParamsT,
+        defaults: dict[str, Any],
+        *,
+        impl: str = "auto",
+        state_dtype: torch.dtype | str | None = None,
+    ) -> None:
+        defaults = dict(defaults, impl=impl, state_dtype=dtype_name(state_dtype))
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            group["state_dtype"] = dtype_name(group["state_dtype"])
+            self._validate_group(group)
+        except ValueError as err:
+            self.param_groups.pop()
+            index = len(self.param_groups)
+            raise ValueError(f"{type(self).__name__}, param group {index}: {err}") from None
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        for name, rule in self.hyperparameter_rules.items():
+            rule.check(name, group[name])
+        Choice(("auto", *self.supported_impls)).check("impl", group["impl"])
+        for i, p in enumerate(group["params"]):
+            if not p.is_floating_point():
+                raise ValueError(
+                    f"parameter {i} has dtype {p.dtype}; allowed are floating-point "
+                    "parameters (float16, bfloat16, float32, float64)")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Accept torch.optim state dicts: fill missing keys, map torch's impl flags."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            if "impl" not in group:
+                if group.get("fused") and "fused" in self.supported_impls:
+                    group["impl"] = "fused"
+                elif group.get("foreach") and "foreach" in self.supported_impls:
+                    group["impl"] = "foreach"
+                else:
+                    group["impl"] = "auto"
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            for key in _TORCH_IMPL_KEYS:
+                group.pop(key, None)
+            for p in group["params"]:
+                p_state = self.state.get(p)
+                if p_state and "step" in p_state and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = scalar_step().fill_(float(p_state["step"]))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a gradguard or torch.optim state dict.
+
+        Unlike torch, the loaded state never shares tensors with ``state_dict``
+        (torch keeps the caller's tensors where no cast is needed, so two
+        optimizers loaded from one live state dict would update each other).
+        Where this optimizer keeps state in a wider dtype than the parameter
+        (``state_dtype``), the saved values are restored at that precision rather
+        than through torch's cast to the parameter dtype.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        groups = [g for g in self.param_groups for _ in g["params"]]
+        for saved_id, p, group in zip(saved_ids, params, groups, strict=True):
+            saved = state_dict["state"].get(saved_id)
+            if not saved:
+                continue
+            dtype = self.state_dtype(group, p)
+            state = self.state[p]
+            for key, value in saved.items():
+                if not torch.is_tensor(value):
+                    continue
+                if key != "step" and value.is_floating_point() and dtype != p.dtype:
+                    state[key] = value.to(device=p.device, dtype=dtype, copy=True)
+                elif state.get(key) is value:
+                    state[key] = value.clone()
+
+    # ------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Perform one optimization step; ``closure`` re-evaluates the loss, as in torch."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._step_group(group, params)
+        return loss
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        grads: list[Tensor] = [p.grad for p in params if p.grad is not None]
+        self._check_gradients(group, params, grads)
+        impl = self.resolve_impl(group, params)
+        states = [self._state_of(group, p, impl) for p in params]
+        work_params = [p if self.state_dtype(group, p) == p.dtype
+                       else p.to(self.state_dtype(group, p)) for p in params]
+        work_grads = [g if g.dtype == w.dtype else g.to(w.dtype)
+                      for g, w in zip(grads, work_params, strict=True)]
+        self._update(group, work_params, work_grads, states, impl)
+        for p, w in zip(params, work_params, strict=True):
+            if w is not p:
+                p.copy_(w)
+
+    def _check_gradients(self, group: dict[str, Any], params: list[Tensor],
+                         grads: list[Tensor]) -> None:
+        for p, g in zip(params, grads, strict=True):
+            if g.is_sparse:
+                index = next(i for i, q in enumerate(group["params"]) if q is p)
+                raise RuntimeError(
+                    f"{type(self).__name__} got a sparse gradient for parameter {index} of its "
+                    f"group (shape {tuple(p.shape)}); it takes dense gradients only")
+
+    def state_dtype(self, group: Mapping[str, Any], p: Tensor) -> torch.dtype:
+        """The dtype this parameter's state is kept (and its update computed) in."""
+        name = group.get("state_dtype")
+        if name is not None:
+            return FLOAT_DTYPES[name]
+        return torch.float32 if p.dtype in LOW_PRECISION else p.dtype
+
+    def resolve_impl(self, group: Mapping[str, Any], params: list[Tensor]) -> str:
+        """The implementation ``group["impl"]`` means for these tensors."""
+        requested = group["impl"]
+        why_not_fused = self._why_not_fused(group, params)
+        if requested == "auto":
+            if why_not_fused is None:
+                return "fused"
+            return "foreach" if "foreach" in self.supported_impls else "reference"
+        if requested == "fused" and why_not_fused is not None:
+            raise ValueError(f"impl='fused' is not available for {type(self).__name__} here: "
+                             f"{why_not_fused}; use impl='auto' to pick the fastest valid path")
+        return str(requested)
+
+    def _why_not_fused(self, group: Mapping[str, Any], params: list[Tensor]) -> str | None:
+        if "fused" not in self.supported_impls:
+            return "torch has no fused kernel for this algorithm"
+        for p in params:
+            if p.device.type not in FUSED_DEVICES:
+                return f"fused kernels run on cpu and cuda, not {p.device.type}"
+            if self.state_dtype(group, p) != p.dtype:
+                return (f"state_dtype {self.state_dtype(group, p)} differs from the parameter "
+                        f"dtype {p.dtype}")
+        return None
+
+    def _state_of(self, group: dict[str, Any], p: Tensor, impl: str) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            self._init_state(group, p, state, self.state_dtype(group, p), impl)
+        elif impl == "fused" and "step" in state and state["step"].device != p.device:
+            state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+        return state
+
+    # ------------------------------------------------------- subclass contract
+    def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any],
+                    dtype: torch.dtype, impl: str) -> None:
+        """Create the state of parameter ``p`` (tensors of ``dtype``) in ``state``."""
+        raise NotImplementedError
+
+    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                states: list[dict[str, Any]], impl: str) -> None:
+        """Apply one step of the algorithm to ``params`` in place with ``impl``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def zeros_like(p: Tensor, dtype: torch.dtype) -> Tensor:
+        """A zero state tensor shaped like ``p``."""
+        return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    @staticmethod
+    def step_counter(p: Tensor, impl: str) -> Tensor:
+        """A fresh step counter placed where ``impl`` will read it."""
+        return scalar_step(p.device if impl == "fused" else None)

@@ -1,0 +1,118 @@
+"""Shared machinery for optimizer tests: random problems and lock-step comparisons.
+
+A *problem* is a list of parameters of assorted shapes and a deterministic
+gradient stream: at step ``t`` the gradient of parameter ``i`` is
+``curvature_i * (p_i - target_i) + noise_t``, so gradients depend on the
+trajectory (state and parameters interact) and two optimizers driven in lock
+step see exactly the same inputs. Some steps leave one parameter without a
+gradient and give another an all-zero gradient, as real training does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+SHAPES: tuple[tuple[int, ...], ...] = ((5, 3), (7,), (2, 2, 2), (1,))
+
+OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+def make_params(seed: int = 0, dtype: torch.dtype = torch.float64,
+                shapes: Sequence[tuple[int, ...]] = SHAPES) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype))
+            for s in shapes]
+
+
+def clone_params(params: Sequence[Tensor]) -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+class GradientStream:
+    """Deterministic, trajectory-dependent gradients for a list of parameters."""
+
+    def __init__(self, params: Sequence[Tensor], seed: int = 0, noise: float = 0.3,
+                 gaps: bool = True) -> None:
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        self.targets = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+        self.curvatures = [float(c) for c in torch.rand(len(params), generator=gen) * 2 + 0.1]
+        self.seed = seed
+        self.noise = noise
+        self.gaps = gaps
+
+    def apply(self, params: Sequence[Tensor], t: int) -> None:
+        """Set ``p.grad`` for every parameter for step ``t``."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + t)
+        for i, p in enumerate(params):
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64) * self.noise
+            if self.gaps and i == len(params) - 1 and t % 7 == 3:
+                p.grad = None  # a parameter that received no gradient this step
+                continue
+            grad = self.curvatures[i] * (p.detach().double() - self.targets[i]) + noise
+            if self.gaps and i == 1 and t % 5 == 2:
+                grad = torch.zeros_like(grad)  # an all-zero gradient
+            p.grad = grad.to(p.dtype)
+
+
+def drive(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], steps: int,
+          seed: int = 0, stream: GradientStream | None = None) -> None:
+    stream = stream or GradientStream(params, seed)
+    for t in range(steps):
+        stream.apply(params, t)
+        optimizer.step()
+
+
+def lockstep(make_a: OptimizerFactory, make_b: OptimizerFactory, steps: int, seed: int = 0,
+             dtype: torch.dtype = torch.float64, shapes: Sequence[tuple[int, ...]] = SHAPES,
+             ) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer,
+                        list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """Run two optimizers from the same start on the same gradient stream."""
+    params_a = make_params(seed, dtype, shapes)
+    params_b = clone_params(params_a)
+    opt_a, opt_b = make_a(params_a), make_b(params_b)
+    stream = GradientStream(params_a, seed)
+    for t in range(steps):
+        stream.apply(params_a, t)
+        stream.apply(params_b, t)
+        opt_a.step()
+        opt_b.step()
+    return params_a, opt_a, params_b, opt_b
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    """max|actual - expected| / max|expected| (absolute when expected is all zero)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    diff = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def assert_params_close(actual: Sequence[Tensor], expected: Sequence[Tensor],
+                        tol: float) -> None:
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        err = rel_err(a, e)
+        assert err <= tol, f"parameter {i}: relative error {err:.3e} > {tol:.1e}"
+
+
+def assert_states_close(actual: torch.optim.Optimizer, expected: torch.optim.Optimizer,
+                        tol: float, keys: Sequence[str] | None = None) -> None:
+    """Every state tensor of ``expected`` (or only ``keys``) matches in ``actual``."""
+    sa, se = actual.state_dict()["state"], expected.state_dict()["state"]
+    assert sa.keys() == se.keys(), f"state for params {sorted(sa)} vs {sorted(se)}"
+    for pid, state in se.items():
+        for key, value in state.items():
+            if keys is not None and key not in keys:
+                continue
+            assert key in sa[pid], f"param {pid}: state key {key!r} missing"
+            if torch.is_tensor(value):
+                err = rel_err(sa[pid][key], value)
+                assert err <= tol, f"param {pid} state {key!r}: relative error {err:.3e}"
+
+
+def two_groups(params: list[torch.nn.Parameter], second: dict[str, Any]) -> list[dict[str, Any]]:
+    """Split parameters into two groups, the second with its own hyperparameters."""
+    return [{"params": params[:2]}, {"params": params[2:], **second}]
