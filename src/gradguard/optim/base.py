@@ -189,7 +189,7 @@ class Optimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the loss, as in torch."""
         loss = None
         if closure is not None:
