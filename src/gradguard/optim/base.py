@@ -256,9 +256,14 @@ class Optimizer(torch.optim.Optimizer):
         return None
 
     def _state_of(self, group: dict[str, Any], p: Tensor, impl: str) -> dict[str, Any]:
-        state = self.state[p]
+        state = self.state.get(p)
         if not state:
+            # Like torch.optim, a parameter whose algorithm keeps no state (SGD
+            # without momentum) gets no entry in ``state``.
+            state = {}
             self._init_state(group, p, state, self.state_dtype(group, p), impl)
+            if state:
+                self.state[p] = state
         elif impl == "fused" and "step" in state and state["step"].device != p.device:
             state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
         return state
