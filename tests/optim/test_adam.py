@@ -183,6 +183,6 @@ def test_fused_impl_refused_with_reason_for_mixed_precision() -> None:
 def test_sparse_gradient_is_refused_naming_the_parameter() -> None:
     p = torch.nn.Parameter(torch.zeros(4, 2))
     opt = Adam([p])
-    p.grad = torch.sparse_coo_tensor([[1]], torch.ones(1, 2), (4, 2))
+    p.grad = torch.sparse_coo_tensor([[1]], torch.ones(1, 2), (4, 2), check_invariants=True)
     with pytest.raises(RuntimeError, match="sparse gradient for parameter 0"):
         opt.step()
