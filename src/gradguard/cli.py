@@ -24,6 +24,24 @@ def _cmd_optimizers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ckpt_list(args: argparse.Namespace) -> int:
+    from gradguard.ckpt import tools
+
+    return tools.list_command(args.root, as_json=args.json)
+
+
+def _cmd_ckpt_inspect(args: argparse.Namespace) -> int:
+    from gradguard.ckpt import tools
+
+    return tools.inspect_command(args.path, as_json=args.json)
+
+
+def _cmd_ckpt_verify(args: argparse.Namespace) -> int:
+    from gradguard.ckpt import tools
+
+    return tools.verify_command(args.path, key_file=args.key_file)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradguard",
@@ -35,6 +53,24 @@ def build_parser() -> argparse.ArgumentParser:
     optimizers.add_argument("-v", "--verbose", action="store_true",
                             help="also list each optimizer's hyperparameters and defaults")
     optimizers.set_defaults(func=_cmd_optimizers)
+
+    ckpt = commands.add_parser("ckpt", help="list, inspect and verify checkpoints")
+    ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", metavar="COMMAND", required=True)
+    ckpt_list = ckpt_commands.add_parser("list", help="the committed checkpoints under ROOT")
+    ckpt_list.add_argument("root", metavar="ROOT", help="checkpoint root (directory or URL)")
+    ckpt_list.add_argument("--json", action="store_true", help="print JSON")
+    ckpt_list.set_defaults(func=_cmd_ckpt_list)
+    ckpt_inspect = ckpt_commands.add_parser(
+        "inspect", help="step, config, optimizer and sizes of the checkpoint at PATH")
+    ckpt_inspect.add_argument("path", metavar="PATH", help="checkpoint directory or URL")
+    ckpt_inspect.add_argument("--json", action="store_true", help="print JSON")
+    ckpt_inspect.set_defaults(func=_cmd_ckpt_inspect)
+    ckpt_verify = ckpt_commands.add_parser(
+        "verify", help="verify every file (and the signature) of PATH; exit 0 if good, 1 if not")
+    ckpt_verify.add_argument("path", metavar="PATH", help="checkpoint directory or URL")
+    ckpt_verify.add_argument("--key-file", help="signing key file (default: GRADGUARD_CKPT_KEY "
+                             "or GRADGUARD_CKPT_KEY_FILE)")
+    ckpt_verify.set_defaults(func=_cmd_ckpt_verify)
     return parser
 
 
