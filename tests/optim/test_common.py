@@ -161,12 +161,16 @@ def test_parameters_without_gradients_are_left_alone(name: str) -> None:
     params = make_params()
     opt = go.create(name, params)
     frozen = params[0].detach().clone()
+    initial_state = {k: v.clone() for k, v in opt.state.get(params[0], {}).items()}
     for t in range(3):
         GradientStream(params, gaps=False).apply(params, t)
         params[0].grad = None
         opt.step()
     assert torch.equal(params[0], frozen)
-    assert params[0] not in opt.state
+    # no state, or (Adagrad, like torch, creates it eagerly) the state it started with
+    state = opt.state.get(params[0], {})
+    assert state.keys() == initial_state.keys()
+    assert all(torch.equal(state[k], v) for k, v in initial_state.items())
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -294,12 +298,12 @@ def test_state_dict_round_trip_then_identical_steps(name: str) -> None:
 
 
 def test_unknown_optimizer_name_suggests_the_nearest() -> None:
-    with pytest.raises(ValueError, match="did you mean 'adam'"):
+    with pytest.raises(ValueError, match=r"did you mean .*'adam'"):
         go.create("adma", make_params())
 
 
 def test_unknown_hyperparameter_is_named_with_the_allowed_ones() -> None:
-    with pytest.raises(ValueError, match="no hyperparameter 'betas1'.*allowed: lr"):
+    with pytest.raises(ValueError, match=r"no hyperparameter 'betas1'.*allowed: lr"):
         go.create("adam", make_params(), betas1=0.9)
 
 

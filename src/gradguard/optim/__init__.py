@@ -7,22 +7,37 @@ choice (``"auto"``, ``"reference"``, ``"foreach"``, ``"fused"``) and a
 """
 
 from . import registry
+from .adadelta import Adadelta
+from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .adamax import Adamax
 from .base import IMPLS, Optimizer
+from .ftrl import FTRL
+from .lars import LARS
+from .lion import Lion
+from .nadam import NAdam
 from .registry import available, create
+from .rmsprop import RMSprop
+from .sgd import SGD
 
 __all__ = [
+    "FTRL",
     "IMPLS",
+    "LARS",
+    "SGD",
+    "Adadelta",
+    "Adagrad",
     "Adam",
     "AdamW",
+    "Adamax",
+    "Lion",
+    "NAdam",
     "Optimizer",
+    "RMSprop",
     "available",
     "create",
     "registry",
 ]
 
-for _name, _cls in {
-    "adam": Adam,
-    "adamw": AdamW,
-}.items():
-    registry.register(_name, _cls)
+for _cls in (SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW, Adamax, NAdam, Lion, LARS, FTRL):
+    registry.register(_cls.__name__.lower(), _cls)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ._validation import FLAG, NON_NEGATIVE, POSITIVE, UNIT_HALF_OPEN, Pair, Rule
-from .base import Optimizer, ParamsT, group_by_device_and_dtype
+from .base import Optimizer, ParamsT, as_float, group_by_device_and_dtype
 
 
 class Adam(Optimizer):
@@ -108,7 +108,7 @@ class Adam(Optimizer):
             [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
             [s["step"] for s in states],
-            lr=_as_float(group["lr"]),
+            lr=as_float(group["lr"]),
             beta1=float(beta1),
             beta2=float(beta2),
             eps=group["eps"],
@@ -150,9 +150,6 @@ class AdamW(Adam):
         for group in self.param_groups:
             group["decoupled_weight_decay"] = True
 
-
-def _as_float(value: float | Tensor) -> float:
-    return value.item() if isinstance(value, Tensor) else float(value)
 
 
 def _reference_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
