@@ -102,39 +102,36 @@ def main() -> None:
         ours_params = make_problem(total, args.tensors, 0)
         ours = go.create(name, ours_params, **HPARAMS.get(name, {}))  # type: ignore[arg-type]
         impl = ours.resolve_impl(ours.param_groups[0], ours_params)
-        peer_label, peer = "none (no torch.optim peer)", None
+        # every torch candidate runs in the same interleaved loop; the fastest median is the peer
+        peers: dict[str, torch.optim.Optimizer] = {}
         if name in PEERS:
             cls, candidates = PEERS[name]
-            fastest = float("inf")
             for kwargs in candidates:
-                peer_params = make_problem(total, args.tensors, 0)
-                candidate = cls(peer_params, **HPARAMS.get(name, {}), **kwargs)
-                for _ in range(2):
-                    time_step(candidate)
-                t = min(time_step(candidate) for _ in range(3))
-                if t < fastest:
-                    fastest, peer = t, candidate
-                    flags = ", ".join(f"{k}={v}" for k, v in kwargs.items())
-                    peer_label = f"{cls.__name__}({flags})"
-                del candidate, peer_params
+                flags = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+                peers[f"{cls.__name__}({flags})"] = cls(make_problem(total, args.tensors, 0),
+                                                        **HPARAMS.get(name, {}), **kwargs)
         for _ in range(2):
             time_step(ours)
-        ours_times, peer_times = [], []
+            for candidate in peers.values():
+                time_step(candidate)
+        ours_times: list[float] = []
+        peer_times: dict[str, list[float]] = {label: [] for label in peers}
         for _ in range(reps):
             ours_times.append(time_step(ours))
-            if peer is not None:
-                peer_times.append(time_step(peer))
+            for label, candidate in peers.items():
+                peer_times[label].append(time_step(candidate))
         ours_ms = statistics.median(ours_times) * 1e3
         moved = TRAFFIC[name] * 4 * total / (ours_ms / 1e3)
-        if peer is not None:
-            peer_ms = statistics.median(peer_times) * 1e3
+        if peers:
+            peer_label, peer_ms = min(((label, statistics.median(t) * 1e3)
+                                       for label, t in peer_times.items()), key=lambda x: x[1])
             ratio = f"{ours_ms / peer_ms:6.3f}"
             peer_col = f"{peer_ms:7.1f}"
         else:
-            ratio, peer_col = "   n/a", "      -"
+            peer_label, ratio, peer_col = "none (no torch.optim peer)", "   n/a", "      -"
         print(f"{name:<9} {impl:<15} {ours_ms:7.1f} {peer_label:<22} {peer_col} {ratio} "
               f"{moved / 1e9:6.1f} {moved / ceiling:9.0%}")
-        del ours, peer, ours_params
+        del ours, peers, ours_params
     print("\nratio = gradguard median step time / torch peer median step time (<= 1.0 is as "
           "fast or faster).")
 
