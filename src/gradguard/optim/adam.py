@@ -99,8 +99,10 @@ class Adam(Optimizer):
             state["max_exp_avg_sq"] = self.zeros_like(p, dtype)
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                states: list[dict[str, Any]], impl: str) -> None:
+                states: list[dict[str, Any]], impl: str, *, grad_scale: Tensor | None = None,
+                found_inf: Tensor | None = None) -> None:
         beta1, beta2 = group["betas"]
+        scaling = {"grad_scale": grad_scale, "found_inf": found_inf} if impl == "fused" else {}
         _IMPLS[impl](
             params,
             grads,
@@ -116,6 +118,7 @@ class Adam(Optimizer):
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
+            **scaling,
         )
 
 

@@ -23,6 +23,7 @@ Subclasses implement :meth:`_init_state` (create one parameter's state) and
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -113,7 +114,7 @@ def group_by_device_and_dtype(
     ]
 
 
-CPU_BLOCK_BYTES = 1 << 20
+CPU_BLOCK_BYTES = 1 << 21
 """Bytes of each tensor list that one block of :func:`cpu_blocks` covers."""
 
 
@@ -171,6 +172,48 @@ def cpu_blocks(tensor_lists: Sequence[list[Tensor]], scalar_lists: Sequence[list
         yield cut(tensor_lists, start, len(first)), cut(scalar_lists, start, len(first))
 
 
+class StepScaling:
+    """One step's ``grad_scale`` / ``found_inf`` (see :meth:`Optimizer.step`).
+
+    ``found_inf`` is read on the host at most once per step, and only when an
+    implementation cannot take it into its kernels.
+    """
+
+    def __init__(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        self.grad_scale = grad_scale
+        self.found_inf = found_inf
+        self._skipped: bool | None = None
+
+    def kernel_kwargs(self) -> dict[str, Tensor | None]:
+        """The keywords torch's fused kernels take."""
+        return {"grad_scale": self.grad_scale, "found_inf": self.found_inf}
+
+    def skipped(self) -> bool:
+        """Whether ``found_inf`` says to skip the step (read on the host once, then cached)."""
+        if self._skipped is None:
+            self._skipped = self.found_inf is not None and bool(self.found_inf.item())
+        return self._skipped
+
+    def unscale_(self, grads: list[Tensor]) -> None:
+        """Divide ``grads`` by ``grad_scale`` in place, as the fused kernels do."""
+        if self.grad_scale is None:
+            return
+        for run in device_dtype_runs(grads):
+            run_grads = [grads[i] for i in run]
+            torch._foreach_div_(run_grads, self.grad_scale.to(run_grads[0].device))
+
+
+_TAKES_SCALING: dict[type, bool] = {}
+
+
+def _update_takes_scaling(cls: type) -> bool:
+    """Whether ``cls._update`` accepts ``grad_scale`` and ``found_inf`` for its fused kernels."""
+    if cls not in _TAKES_SCALING:
+        names = inspect.signature(cls._update).parameters  # type: ignore[attr-defined]
+        _TAKES_SCALING[cls] = "grad_scale" in names and "found_inf" in names
+    return _TAKES_SCALING[cls]
+
+
 class Optimizer(torch.optim.Optimizer):
     """Base class: torch.optim's contract plus validation, ``impl`` and ``state_dtype``."""
 
@@ -179,6 +222,13 @@ class Optimizer(torch.optim.Optimizer):
 
     hyperparameter_rules: ClassVar[Mapping[str, Rule]] = {}
     """What each hyperparameter may be; checked for every parameter group."""
+
+    sparse_gradients: ClassVar[bool] = False
+    """Whether the algorithm takes sparse gradients (``nn.Embedding(sparse=True)``):
+    they go to :meth:`_update_sparse`, one parameter at a time, whatever ``impl``."""
+
+    dense_gradients: ClassVar[bool] = True
+    """Whether the algorithm takes dense gradients (``SparseAdam`` does not)."""
 
     def __init__(
         self,
@@ -269,36 +319,91 @@ class Optimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step; ``closure`` re-evaluates the loss, as in torch."""
+    def step(self, closure: Callable[[], Any] | None = None, *,
+             grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the loss, as in torch.
+
+        ``grad_scale`` and ``found_inf`` (0-dim float tensors, keyword-only) are the
+        contract of torch's fused kernels, for callers that have already made their
+        pass over the gradients (a guard, gradient clipping, loss scaling) and should
+        not need a second one:
+
+        * every gradient is divided by ``grad_scale`` before the update, and is left
+          divided in ``.grad`` (as torch's fused kernels and ``GradScaler.unscale_``
+          leave it). Clipping to ``max_norm`` is ``grad_scale = norm / max_norm``;
+        * a non-zero ``found_inf`` skips the step: parameters, state and step
+          counters keep their values (a fused kernel's first step may leave freshly
+          created zero state, which is what the next step would create anyway).
+
+        With ``impl="fused"`` both go into the kernels (no extra pass over memory, no
+        host synchronisation), for every algorithm whose :meth:`_update` accepts the
+        keywords ``grad_scale`` and ``found_inf``. Otherwise ``found_inf`` is read on
+        the host once per step (a synchronisation on GPU) and the gradients are divided
+        in place before the update.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        scaling = (StepScaling(grad_scale, found_inf)
+                   if grad_scale is not None or found_inf is not None else None)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
-                self._step_group(group, params)
+                self._step_group(group, params, scaling)
         return loss
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _step_group(self, group: dict[str, Any], params: list[Tensor],
+                    scaling: StepScaling | None = None) -> None:
         grads: list[Tensor] = [p.grad for p in params if p.grad is not None]
         self._check_gradients(group, params, grads)
+        if self.sparse_gradients and any(g.is_sparse for g in grads):
+            params = self._step_sparse(group, params, grads, scaling)
+            if not params:
+                return
+            grads = [p.grad for p in params if p.grad is not None]
         impl = self.resolve_impl(group, params)
+        kernel_scaling: dict[str, Tensor | None] = {}
+        if scaling is not None:
+            if impl == "fused" and _update_takes_scaling(type(self)):
+                kernel_scaling = scaling.kernel_kwargs()
+            elif scaling.skipped():
+                return
+            else:
+                scaling.unscale_(grads)
         states = [self._state_of(group, p, impl) for p in params]
         work_params = [p if self.state_dtype(group, p) == p.dtype
                        else p.to(self.state_dtype(group, p)) for p in params]
         work_grads = [g if g.dtype == w.dtype else g.to(w.dtype)
                       for g, w in zip(grads, work_params, strict=True)]
-        self._update(group, work_params, work_grads, states, impl)
+        self._update(group, work_params, work_grads, states, impl, **kernel_scaling)
         for p, w in zip(params, work_params, strict=True):
             if w is not p:
                 p.copy_(w)
 
+    def _step_sparse(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                     scaling: StepScaling | None) -> list[Tensor]:
+        """Update the parameters whose gradients are sparse; return the others.
+
+        Each goes to :meth:`_update_sparse` with its state, in its own dtype (the
+        update gathers the touched rows and computes in the state dtype itself, so
+        a half-precision table is never copied whole). ``scaling`` as in
+        :meth:`step`: a skipped step leaves them alone, ``grad_scale`` divides them.
+        """
+        dense = [p for p, g in zip(params, grads, strict=True) if not g.is_sparse]
+        if scaling is not None and scaling.skipped():
+            return dense
+        for p, g in zip(params, grads, strict=True):
+            if g.is_sparse:
+                if scaling is not None and scaling.grad_scale is not None:
+                    g.div_(scaling.grad_scale.to(g.device))
+                self._update_sparse(group, p, g, self._state_of(group, p, "reference"))
+        return dense
+
     def _check_gradients(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor]) -> None:
         for p, g in zip(params, grads, strict=True):
-            if g.is_sparse:
+            if g.is_sparse and not self.sparse_gradients:
                 index = next(i for i, q in enumerate(group["params"]) if q is p)
                 raise RuntimeError(
                     f"{type(self).__name__} got a sparse gradient for parameter {index} of its "
@@ -356,7 +461,18 @@ class Optimizer(torch.optim.Optimizer):
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                 states: list[dict[str, Any]], impl: str) -> None:
-        """Apply one step of the algorithm to ``params`` in place with ``impl``."""
+        """Apply one step of the algorithm to ``params`` in place with ``impl``.
+
+        An algorithm with fused kernels may accept the keywords ``grad_scale`` and
+        ``found_inf`` and hand them to its kernels; the base passes them when
+        ``impl == "fused"`` (see :meth:`step`) instead of skipping or dividing itself.
+        """
+        raise NotImplementedError
+
+    def _update_sparse(self, group: dict[str, Any], param: Tensor, grad: Tensor,
+                       state: dict[str, Any]) -> None:
+        """Apply one step to ``param`` from its sparse ``grad``, touching only its rows
+        (for algorithms with :attr:`sparse_gradients`)."""
         raise NotImplementedError
 
     @staticmethod

@@ -98,9 +98,11 @@ class SGD(Optimizer):
             state["momentum_buffer"] = None  # created from the first gradient
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                states: list[dict[str, Any]], impl: str) -> None:
+                states: list[dict[str, Any]], impl: str, *, grad_scale: Tensor | None = None,
+                found_inf: Tensor | None = None) -> None:
         momentum = as_float(group["momentum"])
         buffers = [s.get("momentum_buffer") for s in states] if momentum != 0 else []
+        scaling = {"grad_scale": grad_scale, "found_inf": found_inf} if impl == "fused" else {}
         _IMPLS[impl](
             params,
             grads,
@@ -111,6 +113,7 @@ class SGD(Optimizer):
             weight_decay=as_float(group["weight_decay"]),
             nesterov=group["nesterov"],
             maximize=group["maximize"],
+            **scaling,
         )
         if momentum != 0:
             for state, buffer in zip(states, buffers, strict=True):
@@ -192,20 +195,30 @@ def _foreach_sgd(params: list[Tensor], grads: list[Tensor],
 
 def _fused_sgd(params: list[Tensor], grads: list[Tensor],
                momentum_buffers: list[Tensor | None], *, lr: float, momentum: float,
-               dampening: float, weight_decay: float, nesterov: bool, maximize: bool) -> None:
+               dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+               grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
     """torch's ``_fused_sgd_`` kernel, one call per device/dtype and first-step status.
 
     The kernel's ``is_first_step`` applies to every tensor of a call (the buffer
     is set to the gradient, undamped). torch passes it only when *no* parameter
     has a buffer yet; here parameters joining later are split into their own call.
+
+    ``grad_scale`` / ``found_inf`` go to the kernel (see ``Optimizer.step``). A
+    skipped step must not leave a first buffer behind (the kernel would leave it
+    uninitialised), so when some parameter would take its first momentum step,
+    ``found_inf`` is read on the host: once per parameter's life.
     """
 
     def kernel(idx: list[int], bufs: list[Tensor], is_first_step: bool) -> None:
         torch._fused_sgd_([params[i] for i in idx], [grads[i] for i in idx], bufs,
                           weight_decay=weight_decay, momentum=momentum, lr=lr,
                           dampening=dampening, nesterov=nesterov, maximize=maximize,
-                          is_first_step=is_first_step)
+                          is_first_step=is_first_step, grad_scale=grad_scale,
+                          found_inf=found_inf)
 
+    if (found_inf is not None and momentum != 0
+            and any(buf is None for buf in momentum_buffers) and bool(found_inf.item())):
+        return
     for run in device_dtype_runs(params):
         if momentum == 0:
             kernel(run, [], False)
