@@ -218,10 +218,3 @@ def test_share_memory_moves_sums_to_shared_memory() -> None:
     opt.share_memory()
     assert opt.state[p]["sum"].is_shared()
 
-
-def test_sparse_gradient_is_refused_naming_the_parameter() -> None:
-    p = torch.nn.Parameter(torch.zeros(4, 2))
-    opt = Adagrad([p])
-    p.grad = torch.sparse_coo_tensor([[1]], torch.ones(1, 2), (4, 2), check_invariants=True)
-    with pytest.raises(RuntimeError, match="sparse gradient for parameter 0"):
-        opt.step()

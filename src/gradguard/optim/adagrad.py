@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from . import _sparse
 from ._validation import FLAG, NON_NEGATIVE, POSITIVE, Rule
 from .base import Optimizer, ParamsT, as_float, cpu_blocks, group_by_device_and_dtype
 
@@ -51,13 +52,26 @@ class Adagrad(Optimizer):
         state_dtype: dtype of ``sum`` (default: float32 for half-precision
             parameters, else the parameter's dtype).
 
-    Sparse gradients (``nn.Embedding(sparse=True)``) are refused for now.
+    **Sparse gradients** (``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)``)
+    get torch.optim's sparse path, lazily: duplicate rows are summed, the update above
+    is applied to the touched rows only, and every other row of the parameter and of
+    ``sum`` stays bit-identical (the step counter still advances for the whole tensor).
+    Coupled ``weight_decay`` cannot be applied lazily (it would touch every row) and is
+    refused with sparse gradients, as in torch. With numba installed
+    (``gradguard[fast]``) a compiled CPU kernel does the update (``impl="reference"``
+    keeps the torch ops); see ``docs/embeddings.md``.
+
+    Per-row update counts: a parameter group with ``"count_row_updates": True`` (a
+    group key, so the constructor keeps torch's signature) keeps
+    ``state["row_update_count"]`` (int64, one per row along dim 0), incremented for
+    each row a step updates, all rows for a dense gradient.
 
     Reference: Duchi, Hazan & Singer, "Adaptive Subgradient Methods for Online Learning
     and Stochastic Optimization", JMLR 12, 2011.
     """
 
     supported_impls: ClassVar[tuple[str, ...]] = ("reference", "foreach", "fused")
+    sparse_gradients: ClassVar[bool] = True
     hyperparameter_rules: ClassVar[dict[str, Rule]] = {
         "lr": NON_NEGATIVE,
         "lr_decay": NON_NEGATIVE,
@@ -112,15 +126,37 @@ class Adagrad(Optimizer):
             if "sum" in state:
                 state["sum"].share_memory_()
 
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        _sparse.check_count_flag(group)
+
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any],
                     dtype: torch.dtype, impl: str) -> None:
         state["step"] = self.step_counter(p, impl)
         initial = as_float(group["initial_accumulator_value"])
         state["sum"] = torch.full_like(p, initial, dtype=dtype,
                                        memory_format=torch.preserve_format)
+        _sparse.row_counts(group, p, state)
+
+    def _check_gradients(self, group: dict[str, Any], params: list[Tensor],
+                         grads: list[Tensor]) -> None:
+        super()._check_gradients(group, params, grads)
+        for p, g in zip(params, grads, strict=True):
+            if g.is_sparse and group["weight_decay"] != 0:
+                raise RuntimeError(
+                    f"Adagrad: weight_decay={group['weight_decay']} cannot be applied lazily "
+                    f"to the sparse gradient of {_sparse.describe(self, group, p)}: coupled "
+                    "weight decay adds weight_decay * param to every row's gradient, so every "
+                    "row would change. Use weight_decay=0 for this group (a separate group "
+                    "for the embeddings), or RowWiseAdagrad, whose weight decay is applied to "
+                    "the touched rows")
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                states: list[dict[str, Any]], impl: str) -> None:
+                states: list[dict[str, Any]], impl: str, *, grad_scale: Tensor | None = None,
+                found_inf: Tensor | None = None) -> None:
+        for p, state in zip(params, states, strict=True):
+            _sparse.count_all_rows(_sparse.row_counts(group, p, state))
+        scaling = {"grad_scale": grad_scale, "found_inf": found_inf} if impl == "fused" else {}
         _IMPLS[impl](
             params,
             grads,
@@ -131,8 +167,41 @@ class Adagrad(Optimizer):
             weight_decay=group["weight_decay"],
             eps=group["eps"],
             maximize=group["maximize"],
+            **scaling,
         )
 
+    def _update_sparse(self, group: dict[str, Any], param: Tensor, grad: Tensor,
+                       state: dict[str, Any]) -> None:
+        state["step"] += 1
+        clr = as_float(group["lr"]) / (1 + (state["step"].item() - 1) * group["lr_decay"])
+        rows = _sparse.row_grad(param, grad)
+        table = _sparse.rows_of(param, rows.num_rows)
+        sums = _sparse.rows_of(state["sum"], rows.num_rows)
+        counts = _sparse.row_counts(group, param, state)
+        if _sparse.use_kernel(group, table, sums):
+            _sparse.kernel_update("adagrad", rows, [table, sums],
+                                  [-clr, float(group["eps"]), -1.0 if group["maximize"] else 1.0],
+                                  counts)
+        else:
+            touched = _sparse_adagrad(table, sums, rows, clr=clr, eps=group["eps"],
+                                      maximize=group["maximize"])
+            _sparse.count_touched(counts, touched, rows.num_rows)
+
+
+def _sparse_adagrad(table: Tensor, state_sum: Tensor, grad: _sparse.RowGrad, *, clr: float,
+                    eps: float, maximize: bool) -> Tensor:
+    """torch.optim.Adagrad's sparse step with torch ops, on the touched rows of ``table``
+    (the parameter as rows) and ``state_sum``; returns the touched rows."""
+    rows, values = _sparse.coalesce(grad)
+    values = values.to(state_sum.dtype)
+    if maximize:
+        values.neg_()
+    sums = state_sum.index_select(0, rows)
+    params = table.index_select(0, rows).to(state_sum.dtype)
+    _dense_adagrad_step(params, values, sums, clr=clr, eps=eps)
+    state_sum.index_copy_(0, rows, sums)
+    table.index_copy_(0, rows, params.to(table.dtype))
+    return rows
 
 
 def _reference_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: list[Tensor],
@@ -145,7 +214,6 @@ def _reference_adagrad(params: list[Tensor], grads: list[Tensor], state_sums: li
         if weight_decay != 0:
             grad = grad.add(param, alpha=weight_decay)
         clr = lr / (1 + (step - 1) * lr_decay)
-        # A row-sparse gradient will take a ``_sparse_adagrad_step`` beside this one.
         _dense_adagrad_step(param, grad, state_sums[i], clr=clr, eps=eps)
 
 

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from . import _sparse
 from ._validation import FLAG, NON_NEGATIVE, POSITIVE, Rule
 from .base import Optimizer, ParamsT, as_float, cpu_blocks, group_by_device_and_dtype
 
@@ -63,12 +64,23 @@ class FTRL(Optimizer):
         impl: ``"auto"`` (= ``"foreach"``), ``"reference"`` or ``"foreach"``.
         state_dtype: dtype of ``z``/``n`` (default: float32 for half-precision
             parameters, else the parameter's dtype).
+        count_row_updates: keep ``state["row_update_count"]`` (int64, one per row along
+            dim 0), incremented for each row a step updates (default False).
+
+    **Sparse gradients** (``nn.Embedding(sparse=True)``) update lazily, as FTRL does in
+    click-prediction systems: duplicate rows are summed and the step above is applied
+    to the touched rows only; every other row of the weights, ``z`` and ``n`` stays
+    bit-identical. A row's first update replaces its initial weights (the dense
+    step replaces all of them at the first step). With numba installed
+    (``gradguard[fast]``) a compiled CPU kernel does the update (``impl="reference"``
+    keeps the torch ops); see ``docs/embeddings.md``.
 
     Reference: McMahan et al., "Ad Click Prediction: a View from the Trenches",
     KDD 2013, Algorithm 1.
     """
 
     supported_impls: ClassVar[tuple[str, ...]] = ("reference", "foreach")
+    sparse_gradients: ClassVar[bool] = True
     hyperparameter_rules: ClassVar[dict[str, Rule]] = {
         "lr": POSITIVE,
         "beta": NON_NEGATIVE,
@@ -76,6 +88,7 @@ class FTRL(Optimizer):
         "l2": NON_NEGATIVE,
         "initial_accumulator_value": NON_NEGATIVE,
         "maximize": FLAG,
+        "count_row_updates": FLAG,
     }
 
     def __init__(
@@ -90,6 +103,7 @@ class FTRL(Optimizer):
         maximize: bool = False,
         impl: str = "auto",
         state_dtype: torch.dtype | str | None = None,
+        count_row_updates: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -98,6 +112,7 @@ class FTRL(Optimizer):
             "l2": l2,
             "initial_accumulator_value": initial_accumulator_value,
             "maximize": maximize,
+            "count_row_updates": count_row_updates,
         }
         super().__init__(params, defaults, impl=impl, state_dtype=state_dtype)
 
@@ -115,9 +130,12 @@ class FTRL(Optimizer):
         state["z"] = self.zeros_like(p, dtype)
         state["n"] = torch.full_like(p, float(group["initial_accumulator_value"]), dtype=dtype,
                                      memory_format=torch.preserve_format)
+        _sparse.row_counts(group, p, state)
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                 states: list[dict[str, Any]], impl: str) -> None:
+        for p, state in zip(params, states, strict=True):
+            _sparse.count_all_rows(_sparse.row_counts(group, p, state))
         _IMPLS[impl](
             params,
             grads,
@@ -132,6 +150,39 @@ class FTRL(Optimizer):
             maximize=group["maximize"],
         )
 
+    def _update_sparse(self, group: dict[str, Any], param: Tensor, grad: Tensor,
+                       state: dict[str, Any]) -> None:
+        state["step"] += 1
+        rows = _sparse.row_grad(param, grad)
+        table = _sparse.rows_of(param, rows.num_rows)
+        zs = _sparse.rows_of(state["z"], rows.num_rows)
+        ns = _sparse.rows_of(state["n"], rows.num_rows)
+        counts = _sparse.row_counts(group, param, state)
+        lr, beta = as_float(group["lr"]), float(group["beta"])
+        l1, l2 = float(group["l1"]) + 0.0, float(group["l2"])
+        if _sparse.use_kernel(group, table, zs, ns):
+            _sparse.kernel_update("ftrl", rows, [table, zs, ns],
+                                  [lr, 1 / lr, beta + lr * l2, l1,
+                                   -1.0 if group["maximize"] else 1.0], counts)
+        else:
+            touched = _sparse_ftrl(table, zs, ns, rows, lr=lr, beta=beta, l1=l1, l2=l2,
+                                   maximize=group["maximize"])
+            _sparse.count_touched(counts, touched, rows.num_rows)
+
+
+def _sparse_ftrl(table: Tensor, zs: Tensor, ns: Tensor, grad: _sparse.RowGrad, *, lr: float,
+                 beta: float, l1: float, l2: float, maximize: bool) -> Tensor:
+    """The reference step on the touched rows of ``table`` (the parameter as rows),
+    ``zs`` and ``ns``, with torch ops; returns the touched rows."""
+    rows, values = _sparse.coalesce(grad)
+    z, n = zs.index_select(0, rows), ns.index_select(0, rows)
+    weights = table.index_select(0, rows).to(zs.dtype)
+    _reference_ftrl([weights], [values.to(zs.dtype)], [z], [n], [torch.zeros(())], lr=lr,
+                    beta=beta, l1=l1, l2=l2, maximize=maximize)
+    zs.index_copy_(0, rows, z)
+    ns.index_copy_(0, rows, n)
+    table.index_copy_(0, rows, weights.to(table.dtype))
+    return rows
 
 
 def _reference_ftrl(params: list[Tensor], grads: list[Tensor], zs: list[Tensor],

@@ -1,0 +1,186 @@
+"""Sparse embedding-table step time against torch.optim.Adagrad, and against memory bandwidth.
+
+One float32 table (default 2,000,000 x 64) receives a sparse gradient of
+20,000 lookups per step, as ``nn.Embedding(sparse=True)`` produces it (one row
+of values per lookup, duplicates included, uncoalesced), with ids drawn
+uniformly and from a Zipf distribution (exponent 1.1, hot rows scattered over
+the table). Each step draws fresh ids, so no method finds another's rows in
+cache. In interleaved repetitions, on the same table:
+
+* ``torch.optim.Adagrad``, sparse path (the peer), and dense fused path
+  (``fused=True`` on a dense gradient of the whole table);
+* gradguard ``Adagrad`` and ``RowWiseAdagrad`` (``impl="auto"``: the compiled
+  kernel when numba is installed) and ``Adagrad`` with ``impl="reference"``
+  (the torch-ops path).
+
+Printed per distribution: median step times; the speed-up over torch's sparse
+and dense fused steps (goal: >= 10x over the sparse step for Adagrad and
+RowWiseAdagrad on both distributions); the bytes a step must touch (the touched
+rows of the table and state read and written, the gradient's values and ids
+read; the whole table, gradient and state for the dense step) per second, as a
+fraction of the machine's memory-bandwidth ceiling measured in the same run
+(best in-place streaming kernel over arrays of the table's size, all threads:
+a sequential ceiling, which random rows cannot reach); and each optimizer's
+state bytes. The methods run in a rotating order, so each follows every other.
+
+Run: ``.venv/bin/python benchmarks/embedding_step.py [--rows 2e6] [--dim 64]
+[--lookups 20000] [--reps 15] [--zipf 1.1]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import gradguard.optim as go
+from gradguard.optim import _sparse
+from gradguard.optim.rowwise import RowWiseAdagrad
+
+GOAL = 10.0
+"""Speed-up over torch.optim.Adagrad's sparse step that gradguard aims for."""
+
+
+def bandwidth_ceiling(numel: int, reps: int = 5) -> float:
+    """Best bytes/s of in-place streaming kernels (scale, axpy) over ``numel`` float32 arrays."""
+    a, b = torch.rand(numel), torch.rand(numel)
+    best = 0.0
+    for _ in range(reps):
+        for kernel, streams in ((lambda: a.mul_(0.999), 2), (lambda: a.add_(b, alpha=1e-3), 3)):
+            t0 = time.perf_counter()
+            kernel()
+            best = max(best, streams * 4 * numel / (time.perf_counter() - t0))
+    return best
+
+
+def zipf_ids(rows: int, exponent: float, size: int, gen: torch.Generator,
+             permutation: torch.Tensor) -> torch.Tensor:
+    """``size`` ids with P(rank k) ~ k**-exponent, ranks mapped to rows by ``permutation``."""
+    weights = torch.arange(1, rows + 1, dtype=torch.float64).pow_(-exponent)
+    cdf = weights.cumsum_(0)
+    cdf /= cdf[-1].item()
+    ranks = torch.searchsorted(cdf, torch.rand(size, generator=gen, dtype=torch.float64))
+    return permutation[ranks.clamp_(max=rows - 1)]
+
+
+@dataclass
+class Method:
+    label: str
+    optimizer: torch.optim.Optimizer
+    dense: bool = False
+    rowwise: bool = False
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values()
+               for v in s.values() if torch.is_tensor(v))
+
+
+def touched_bytes(method: Method, ids: torch.Tensor, rows: int, dim: int) -> int:
+    """Bytes a step must read and write: touched rows of table and state, values, ids."""
+    if method.dense:
+        return rows * dim * 4 * 5  # read table, gradient, sum; write table, sum
+    distinct = int(torch.unique(ids).numel())
+    per_row = dim * 4 * 2 + (4 * 2 if method.rowwise else dim * 4 * 2)
+    return distinct * per_row + ids.numel() * (dim * 4 + 8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=float, default=2e6)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--lookups", type=int, default=20_000)
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rows, dim, lookups = int(args.rows), args.dim, args.lookups
+    gen = torch.Generator().manual_seed(args.seed)
+
+    table = torch.nn.Parameter(torch.randn(rows, dim, generator=gen) * 0.01)
+    values = torch.randn(lookups, dim, generator=gen) * 0.01
+    dense_grad = torch.randn(rows, dim, generator=gen) * 0.01
+    kernel = _sparse.kernels_installed()
+    ceiling = bandwidth_ceiling(rows * dim)
+    print(f"embedding step: {rows:,} x {dim} float32 table ({rows * dim * 4 / 2**20:,.0f} MiB), "
+          f"{lookups:,} lookups per step; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; compiled kernels: "
+          + ("on (numba)" if kernel else "OFF (numba not installed: gradguard runs torch ops)"))
+    print(f"memory-bandwidth ceiling: {ceiling / 1e9:.1f} GB/s (best in-place streaming kernel "
+          f"over {rows * dim * 4 / 2**20:,.0f} MiB arrays, same run)\n")
+
+    methods = [
+        Method("torch Adagrad, sparse", torch.optim.Adagrad([table], lr=0.01)),
+        Method("torch Adagrad, dense fused", torch.optim.Adagrad([table], lr=0.01, fused=True),
+               dense=True),
+        Method("gradguard Adagrad", go.Adagrad([table], lr=0.01)),
+        Method("gradguard Adagrad, torch ops", go.Adagrad([table], lr=0.01, impl="reference")),
+        Method("gradguard RowWiseAdagrad", RowWiseAdagrad([table], lr=0.01), rowwise=True),
+    ]
+    if not kernel:
+        methods[2].label += " (torch ops)"
+        methods[4].label += " (torch ops)"
+
+    permutation = torch.randperm(rows, generator=gen)
+    draws: dict[str, Callable[[], torch.Tensor]] = {
+        "uniform": lambda: torch.randint(0, rows, (lookups,), generator=gen),
+        f"zipf {args.zipf:g}": lambda: zipf_ids(rows, args.zipf, lookups, gen, permutation),
+    }
+    speedups: dict[tuple[str, str], float] = {}
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")
+    for distribution, draw in draws.items():
+        times: dict[str, list[float]] = {m.label: [] for m in methods}
+        traffic: dict[str, list[int]] = {m.label: [] for m in methods}
+        distinct: list[int] = []
+        for rep in range(args.reps + 2):  # the first two warm up (kernel compilation, caches)
+            # a different order each repetition: each method follows each other one
+            # (the dense step flushes the caches; torch's OpenMP workers spin after it)
+            start = rep % len(methods)
+            for method in methods[start:] + methods[:start]:
+                ids = draw()
+                if method.dense:
+                    table.grad = dense_grad
+                else:
+                    table.grad = torch.sparse_coo_tensor(ids.unsqueeze(0), values, (rows, dim))
+                t0 = time.perf_counter()
+                method.optimizer.step()
+                elapsed = time.perf_counter() - t0
+                table.grad = None
+                if rep >= 2:
+                    times[method.label].append(elapsed)
+                    traffic[method.label].append(touched_bytes(method, ids, rows, dim))
+                    if method is methods[0]:
+                        distinct.append(int(torch.unique(ids).numel()))
+        median = {label: statistics.median(ts) for label, ts in times.items()}
+        sparse_peer, dense_peer = median[methods[0].label], median[methods[1].label]
+        print(f"ids: {distribution}, {statistics.median(distinct):,.0f} distinct rows per step "
+              f"(median)")
+        header = (f"{'optimizer':<32} {'step ms':>8} {'vs torch sparse':>16} "
+                  f"{'vs dense fused':>15} {'touched MB':>11} {'GB/s':>6} {'of ceiling':>10} "
+                  f"{'state MiB':>10}")
+        print(header)
+        print("-" * len(header))
+        for method in methods:
+            step = median[method.label]
+            moved = statistics.median(traffic[method.label])
+            speedups[(method.label, distribution)] = sparse_peer / step
+            print(f"{method.label:<32} {step * 1e3:8.2f} {sparse_peer / step:15.1f}x "
+                  f"{dense_peer / step:14.1f}x {moved / 1e6:11.1f} {moved / step / 1e9:6.1f} "
+                  f"{moved / step / ceiling:10.1%} {state_bytes(method.optimizer) / 2**20:10.1f}")
+        print()
+
+    print(f"speed-up over torch.optim.Adagrad's sparse step (goal >= {GOAL:g}x on both "
+          "distributions):")
+    for method in (methods[2], methods[4]):
+        cells = ", ".join(f"{d} {speedups[(method.label, d)]:.1f}x" for d in draws)
+        met = all(speedups[(method.label, d)] >= GOAL for d in draws)
+        print(f"  {method.label}: {cells}  [{'met' if met else 'NOT met'}]")
+
+
+if __name__ == "__main__":
+    main()
