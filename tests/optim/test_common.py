@@ -21,7 +21,7 @@ from tests.optim.harness import GradientStream, lockstep, make_params
 NAMES = go.available()
 
 EXPECTED = {"adadelta", "adagrad", "adam", "adamax", "adamw", "ftrl", "lars", "lion", "nadam",
-            "rmsprop", "sgd"}
+            "rmsprop", "rowwise_adagrad", "sgd"}
 
 unit = st.floats(0.0, 0.999)
 small = st.floats(0.0, 0.1)
@@ -39,6 +39,14 @@ SPECS: dict[str, tuple[Any, list[tuple[str, Any]]]] = {
                                        "maximize": st.booleans()}),
                 [("lr", -1.0), ("lr_decay", -0.1), ("eps", 0.0), ("eps", -1e-8),
                  ("initial_accumulator_value", -0.1), ("weight_decay", math.nan)]),
+    "rowwise_adagrad": (st.fixed_dictionaries({"lr": lr, "eps": positive_eps,
+                                               "weight_decay": small,
+                                               "weight_decay_mode": st.sampled_from(
+                                                   ["none", "l2", "decoupled"]),
+                                               "initial_accumulator_value": small,
+                                               "maximize": st.booleans()}),
+                        [("lr", -1.0), ("eps", 0.0), ("weight_decay", -0.1),
+                         ("weight_decay_mode", "L2"), ("initial_accumulator_value", -1.0)]),
     "rmsprop": (st.fixed_dictionaries({"lr": lr, "alpha": unit, "eps": positive_eps,
                                        "weight_decay": small, "momentum": unit,
                                        "centered": st.booleans(), "maximize": st.booleans()}),

@@ -45,6 +45,12 @@ def ref_adagrad(group: dict[str, Any], state: dict[str, Any], w: Tensor, g: Tens
     return clr / (state["sum"].sqrt() + group["eps"])
 
 
+def ref_rowwise_adagrad(group: dict[str, Any], state: dict[str, Any], w: Tensor,
+                        g: Tensor) -> Tensor:
+    per_row = state["sum"].reshape(-1, *([1] * (w.dim() - 1))).expand_as(w)
+    return _lr(group) / (per_row.sqrt() + group["eps"])
+
+
 def ref_rmsprop(group: dict[str, Any], state: dict[str, Any], w: Tensor, g: Tensor) -> Tensor:
     v = state["square_avg"]
     if group["centered"]:
@@ -87,6 +93,7 @@ SPEC: dict[str, tuple[Reference, str | None, str | None]] = {
     "Lion": (ref_constant, None, "exp_avg"),
     "LARS": (ref_lars, None, "momentum_buffer"),
     "Adagrad": (ref_adagrad, "sum", None),
+    "RowWiseAdagrad": (ref_rowwise_adagrad, "sum", None),
     "RMSprop": (ref_rmsprop, "square_avg", "grad_avg"),
     "Adadelta": (ref_adadelta, "square_avg", None),
     "Adam": (ref_adam, "exp_avg_sq", "exp_avg"),
@@ -216,7 +223,11 @@ def test_schema_statistics_equal_exact_computation(case: str) -> None:
         assert "accumulator" not in metrics and "accumulator_mean" not in metrics
     else:
         acc = torch.cat([s[accumulator].reshape(-1) for s in states])
-        assert_distribution_equal(metrics["accumulator"], exact_quantiles(acc))
+        # per coordinate: a row-wise accumulator stands for every coordinate of its row
+        per_coordinate = torch.cat([
+            s[accumulator].reshape(*s[accumulator].shape, *([1] * (p.dim() - s[accumulator].dim())))
+            .expand_as(p).reshape(-1) for s, p in zip(states, params, strict=True)])
+        assert_distribution_equal(metrics["accumulator"], exact_quantiles(per_coordinate))
         assert metrics["accumulator_mean"] == pytest.approx(float(acc.mean()), rel=1e-12)
         assert metrics["accumulator_max"] == float(acc.max())
         assert metrics["second_moment_norm"] == pytest.approx(float(acc.norm()), rel=1e-12)

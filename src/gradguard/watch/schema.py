@@ -17,6 +17,7 @@ LARS                          ``lr * local_lr``, ``local_lr = trust_coefficient 
                               / (||g|| + weight_decay * ||w|| + eps)``, 1 if either
                               norm is 0 (w before the step; norms from the sample)
 Adagrad                       ``clr / (sqrt(sum) + eps)``, ``clr = lr / (1 + (t-1) * lr_decay)``
+RowWiseAdagrad                ``lr / (sqrt(sum[row]) + eps)``, one accumulator per row
 RMSprop                       ``lr / (sqrt(v) + eps)``, ``v = square_avg`` (centered:
                               ``square_avg - grad_avg**2``)
 Adadelta                      ``lr * sqrt(acc_delta + eps) / sqrt(square_avg + eps)``
@@ -154,6 +155,11 @@ def _adagrad(c: Coordinates) -> Tensor | None:
     return clr / (c.state("sum").sqrt() + float(c.group["eps"]))
 
 
+def _rowwise_adagrad(c: Coordinates) -> Tensor:
+    # one accumulator per row (state "sum" of shape (rows,)), broadcast over the row
+    return _number(c.group["lr"]) / (c.state("sum").sqrt() + float(c.group["eps"]))
+
+
 def _rmsprop(c: Coordinates) -> Tensor:
     v = c.state("square_avg")
     if c.group.get("centered", False):
@@ -207,6 +213,7 @@ def _adam_family(name: str) -> StateSchema:
 SCHEMAS: dict[str, StateSchema] = {
     "SGD": StateSchema("SGD", _sgd, first_moment="momentum_buffer", needs_state=False),
     "Adagrad": StateSchema("Adagrad", _adagrad, accumulator="sum"),
+    "RowWiseAdagrad": StateSchema("RowWiseAdagrad", _rowwise_adagrad, accumulator="sum"),
     "RMSprop": StateSchema("RMSprop", _rmsprop, accumulator="square_avg",
                            first_moment="grad_avg"),
     "Adadelta": StateSchema("Adadelta", _adadelta, accumulator="square_avg"),
