@@ -116,3 +116,24 @@ def assert_states_close(actual: torch.optim.Optimizer, expected: torch.optim.Opt
 def two_groups(params: list[torch.nn.Parameter], second: dict[str, Any]) -> list[dict[str, Any]]:
     """Split parameters into two groups, the second with its own hyperparameters."""
     return [{"params": params[:2]}, {"params": params[2:], **second}]
+
+
+def assert_round_trip_continues(first: OptimizerFactory, second: OptimizerFactory,
+                                steps: int = 20, more: int = 30, tol: float = 1e-12) -> None:
+    """``second`` loaded with ``first``'s state dict after ``steps`` steps continues as
+    ``first`` reloaded from its own state dict would, for ``more`` steps."""
+    params, opt, _, _ = lockstep(first, first, steps)
+    moved = clone_params(params)
+    other = second(moved)
+    other.load_state_dict(opt.state_dict())
+    stayed = clone_params(params)
+    same = first(stayed)
+    same.load_state_dict(opt.state_dict())
+    stream = GradientStream(params, seed=5)
+    for t in range(more):
+        stream.apply(moved, t)
+        stream.apply(stayed, t)
+        other.step()
+        same.step()
+    assert_params_close(moved, stayed, tol)
+    assert_states_close(other, same, tol)

@@ -13,6 +13,7 @@ from gradguard.optim.sgd import SGD
 from tests.optim.harness import (
     GradientStream,
     assert_params_close,
+    assert_round_trip_continues,
     assert_states_close,
     lockstep,
     make_params,
@@ -182,21 +183,7 @@ def test_state_dict_round_trip_with_torch(direction: str) -> None:
 
     first, second = (torch_sgd, ours_sgd) if direction == "torch->gradguard" else (
         ours_sgd, torch_sgd)
-    params, opt, _, _ = lockstep(first, first, 20)
-    moved = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    other = second(moved)
-    other.load_state_dict(opt.state_dict())
-    stayed = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    same = first(stayed)
-    same.load_state_dict(opt.state_dict())
-    stream = GradientStream(params, seed=5)
-    for t in range(30):
-        stream.apply(moved, t)
-        stream.apply(stayed, t)
-        other.step()
-        same.step()
-    assert_params_close(moved, stayed, 1e-12)
-    assert_states_close(other, same, 1e-12)
+    assert_round_trip_continues(first, second)
 
 
 def test_torch_impl_flags_map_to_impl_on_load() -> None:
