@@ -71,6 +71,7 @@ class Adagrad(Optimizer):
     """
 
     supported_impls: ClassVar[tuple[str, ...]] = ("reference", "foreach", "fused")
+    fused_takes_scaling: ClassVar[bool] = True
     sparse_gradients: ClassVar[bool] = True
     hyperparameter_rules: ClassVar[dict[str, Rule]] = {
         "lr": NON_NEGATIVE,

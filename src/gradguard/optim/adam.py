@@ -55,6 +55,7 @@ class Adam(Optimizer):
     """
 
     supported_impls: ClassVar[tuple[str, ...]] = ("reference", "foreach", "fused")
+    fused_takes_scaling: ClassVar[bool] = True
     hyperparameter_rules: ClassVar[dict[str, Rule]] = {
         "lr": NON_NEGATIVE,
         "betas": Pair(UNIT_HALF_OPEN, UNIT_HALF_OPEN),

@@ -23,7 +23,6 @@ Subclasses implement :meth:`_init_state` (create one parameter's state) and
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -203,17 +202,6 @@ class StepScaling:
             torch._foreach_div_(run_grads, self.grad_scale.to(run_grads[0].device))
 
 
-_TAKES_SCALING: dict[type, bool] = {}
-
-
-def _update_takes_scaling(cls: type) -> bool:
-    """Whether ``cls._update`` accepts ``grad_scale`` and ``found_inf`` for its fused kernels."""
-    if cls not in _TAKES_SCALING:
-        names = inspect.signature(cls._update).parameters  # type: ignore[attr-defined]
-        _TAKES_SCALING[cls] = "grad_scale" in names and "found_inf" in names
-    return _TAKES_SCALING[cls]
-
-
 class Optimizer(torch.optim.Optimizer):
     """Base class: torch.optim's contract plus validation, ``impl`` and ``state_dtype``."""
 
@@ -222,6 +210,10 @@ class Optimizer(torch.optim.Optimizer):
 
     hyperparameter_rules: ClassVar[Mapping[str, Rule]] = {}
     """What each hyperparameter may be; checked for every parameter group."""
+
+    fused_takes_scaling: ClassVar[bool] = False
+    """Whether :meth:`_update` accepts ``grad_scale`` and ``found_inf`` and hands them to
+    the fused kernels (see :meth:`step`)."""
 
     sparse_gradients: ClassVar[bool] = False
     """Whether the algorithm takes sparse gradients (``nn.Embedding(sparse=True)``):
@@ -336,8 +328,8 @@ class Optimizer(torch.optim.Optimizer):
           created zero state, which is what the next step would create anyway).
 
         With ``impl="fused"`` both go into the kernels (no extra pass over memory, no
-        host synchronisation), for every algorithm whose :meth:`_update` accepts the
-        keywords ``grad_scale`` and ``found_inf``. Otherwise ``found_inf`` is read on
+        host synchronisation), for every algorithm with :attr:`fused_takes_scaling`.
+        Otherwise ``found_inf`` is read on
         the host once per step (a synchronisation on GPU) and the gradients are divided
         in place before the update.
         """
@@ -365,7 +357,7 @@ class Optimizer(torch.optim.Optimizer):
         impl = self.resolve_impl(group, params)
         kernel_scaling: dict[str, Tensor | None] = {}
         if scaling is not None:
-            if impl == "fused" and _update_takes_scaling(type(self)):
+            if impl == "fused" and self.fused_takes_scaling:
                 kernel_scaling = scaling.kernel_kwargs()
             elif scaling.skipped():
                 return

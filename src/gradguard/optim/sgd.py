@@ -56,6 +56,7 @@ class SGD(Optimizer):
     """
 
     supported_impls: ClassVar[tuple[str, ...]] = ("reference", "foreach", "fused")
+    fused_takes_scaling: ClassVar[bool] = True
     hyperparameter_rules: ClassVar[dict[str, Rule]] = {
         "lr": NON_NEGATIVE,
         "momentum": NON_NEGATIVE,
