@@ -139,6 +139,28 @@ def coalesce(rows: Any, values: Any, keys: Any, slots: Any, unique: Any, first: 
 
 
 @jit
+def _prefetch_row(table: Any, row: Any, width: Any, line: Any) -> None:
+    """Ask for every cache line of ``table[row]`` ahead of its use."""
+    for c in range(0, width, line):
+        _prefetch(table, row, c)
+
+
+@jit
+def _gather_grad(grad: Any, values: Any, summed: Any, first: Any, merged: Any, j: Any,
+                 sign: Any) -> None:
+    """``grad = sign *`` the gradient of unique row ``j``: its only lookup's values, or
+    the sum :func:`coalesce` made of its duplicates."""
+    k = merged[j]
+    if k < 0:
+        lookup = first[j]
+        for d in range(grad.size):
+            grad[d] = sign * values[lookup, d]
+    else:
+        for d in range(grad.size):
+            grad[d] = sign * summed[k, d]
+
+
+@jit
 def _adagrad_rows(param: Any, state_sum: Any, values: Any, summed: Any, unique: Any, first: Any,
             merged: Any, minus_clr: Any, eps: Any, sign: Any, counts: Any) -> None:
     """Adagrad on rows ``unique``: ``sum += g*g; param += -clr * (g / (sqrt(sum) + eps))``."""
@@ -148,19 +170,11 @@ def _adagrad_rows(param: Any, state_sum: Any, values: Any, summed: Any, unique: 
     for j in range(unique.size):
         if j + PREFETCH_ROWS < unique.size:
             ahead = unique[j + PREFETCH_ROWS]
-            for c in range(0, width, line):
-                _prefetch(param, ahead, c)
-                _prefetch(state_sum, ahead, c)
-                if merged[j + PREFETCH_ROWS] < 0:
-                    _prefetch(values, first[j + PREFETCH_ROWS], c)
-        k = merged[j]
-        if k < 0:
-            lookup = first[j]
-            for d in range(width):
-                grad[d] = values[lookup, d]
-        else:
-            for d in range(width):
-                grad[d] = summed[k, d]
+            _prefetch_row(param, ahead, width, line)
+            _prefetch_row(state_sum, ahead, width, line)
+            if merged[j + PREFETCH_ROWS] < 0:
+                _prefetch_row(values, first[j + PREFETCH_ROWS], width, line)
+        _gather_grad(grad, values, summed, first, merged, j, 1.0)
         row = unique[j]
         for d in range(width):
             g = sign * grad[d]
@@ -183,20 +197,12 @@ def _sparse_adam_rows(param: Any, exp_avg: Any, exp_avg_sq: Any, values: Any, su
     for j in range(unique.size):
         if j + PREFETCH_ROWS < unique.size:
             ahead = unique[j + PREFETCH_ROWS]
-            for c in range(0, width, line):
-                _prefetch(param, ahead, c)
-                _prefetch(exp_avg, ahead, c)
-                _prefetch(exp_avg_sq, ahead, c)
-                if merged[j + PREFETCH_ROWS] < 0:
-                    _prefetch(values, first[j + PREFETCH_ROWS], c)
-        k = merged[j]
-        if k < 0:
-            lookup = first[j]
-            for d in range(width):
-                grad[d] = values[lookup, d]
-        else:
-            for d in range(width):
-                grad[d] = summed[k, d]
+            _prefetch_row(param, ahead, width, line)
+            _prefetch_row(exp_avg, ahead, width, line)
+            _prefetch_row(exp_avg_sq, ahead, width, line)
+            if merged[j + PREFETCH_ROWS] < 0:
+                _prefetch_row(values, first[j + PREFETCH_ROWS], width, line)
+        _gather_grad(grad, values, summed, first, merged, j, 1.0)
         row = unique[j]
         for d in range(width):
             g = sign * grad[d]
@@ -223,20 +229,12 @@ def _ftrl_rows(param: Any, z: Any, n: Any, values: Any, summed: Any, unique: Any
     for j in range(unique.size):
         if j + PREFETCH_ROWS < unique.size:
             ahead = unique[j + PREFETCH_ROWS]
-            for c in range(0, width, line):
-                _prefetch(param, ahead, c)
-                _prefetch(z, ahead, c)
-                _prefetch(n, ahead, c)
-                if merged[j + PREFETCH_ROWS] < 0:
-                    _prefetch(values, first[j + PREFETCH_ROWS], c)
-        k = merged[j]
-        if k < 0:
-            lookup = first[j]
-            for d in range(width):
-                grad[d] = values[lookup, d]
-        else:
-            for d in range(width):
-                grad[d] = summed[k, d]
+            _prefetch_row(param, ahead, width, line)
+            _prefetch_row(z, ahead, width, line)
+            _prefetch_row(n, ahead, width, line)
+            if merged[j + PREFETCH_ROWS] < 0:
+                _prefetch_row(values, first[j + PREFETCH_ROWS], width, line)
+        _gather_grad(grad, values, summed, first, merged, j, 1.0)
         row = unique[j]
         for d in range(width):
             g = grad[d]
@@ -273,19 +271,11 @@ def _rowwise_adagrad_rows(param: Any, state_sum: Any, values: Any, summed: Any, 
     for j in range(unique.size):
         if j + PREFETCH_ROWS < unique.size:
             ahead = unique[j + PREFETCH_ROWS]
-            for c in range(0, width, line):
-                _prefetch(param, ahead, c)
-                if merged[j + PREFETCH_ROWS] < 0:
-                    _prefetch(values, first[j + PREFETCH_ROWS], c)
+            _prefetch_row(param, ahead, width, line)
+            if merged[j + PREFETCH_ROWS] < 0:
+                _prefetch_row(values, first[j + PREFETCH_ROWS], width, line)
             _prefetch(state_sum, ahead, 0)
-        k = merged[j]
-        if k < 0:
-            lookup = first[j]
-            for d in range(width):
-                grad[d] = sign * values[lookup, d]
-        else:
-            for d in range(width):
-                grad[d] = sign * summed[k, d]
+        _gather_grad(grad, values, summed, first, merged, j, sign)
         row = unique[j]
         # the sum of squares in four interleaved partial sums: a chain of `width`
         # dependent additions would take longer than the row's memory traffic
