@@ -137,3 +137,8 @@ def assert_round_trip_continues(first: OptimizerFactory, second: OptimizerFactor
         same.step()
     assert_params_close(moved, stayed, tol)
     assert_states_close(other, same, tol)
+
+
+def config_ids(grid: Sequence[dict[str, Any]]) -> list[str]:
+    """pytest ids for a grid of hyperparameter dicts: ``"lr=0.1,amsgrad=True"``."""
+    return [",".join(f"{k}={v}" for k, v in cfg.items()) or "defaults" for cfg in grid]

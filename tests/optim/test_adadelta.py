@@ -14,6 +14,7 @@ from tests.optim.harness import (
     assert_params_close,
     assert_round_trip_continues,
     assert_states_close,
+    config_ids,
     lockstep,
     two_groups,
 )
@@ -33,12 +34,8 @@ GRID: list[dict[str, Any]] = [
 GROUPS = {"lr": 0.3, "rho": 0.8, "eps": 1e-5, "weight_decay": 0.02}
 
 
-def _ids(grid: list[dict[str, Any]]) -> list[str]:
-    return [",".join(f"{k}={v}" for k, v in cfg.items()) or "defaults" for cfg in grid]
-
-
 @pytest.mark.parametrize("split", [False, True], ids=["one-group", "two-groups"])
-@pytest.mark.parametrize("config", GRID, ids=_ids(GRID))
+@pytest.mark.parametrize("config", GRID, ids=config_ids(GRID))
 def test_reference_equals_torch(config: dict[str, Any], split: bool) -> None:
     def groups(ps):
         return two_groups(ps, GROUPS) if split else ps
@@ -51,7 +48,7 @@ def test_reference_equals_torch(config: dict[str, Any], split: bool) -> None:
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("config", GRID[1:5], ids=_ids(GRID[1:5]))
+@pytest.mark.parametrize("config", GRID[1:5], ids=config_ids(GRID[1:5]))
 def test_foreach_equals_reference(config: dict[str, Any], dtype: torch.dtype,
                                   tol: float) -> None:
     ours, opt, ref, ref_opt = lockstep(

@@ -14,6 +14,7 @@ from tests.optim.harness import (
     assert_params_close,
     assert_round_trip_continues,
     assert_states_close,
+    config_ids,
     lockstep,
     two_groups,
 )
@@ -43,12 +44,8 @@ FAST_GRID: list[dict[str, Any]] = [
 GROUPS = {"lr": 0.03, "lr_decay": 0.02, "weight_decay": 0.01, "eps": 1e-6, "maximize": True}
 
 
-def _ids(grid: list[dict[str, Any]]) -> list[str]:
-    return [",".join(f"{k}={v}" for k, v in cfg.items()) or "defaults" for cfg in grid]
-
-
 @pytest.mark.parametrize("split", [False, True], ids=["one-group", "two-groups"])
-@pytest.mark.parametrize("config", GRID, ids=_ids(GRID))
+@pytest.mark.parametrize("config", GRID, ids=config_ids(GRID))
 def test_reference_equals_torch(config: dict[str, Any], split: bool) -> None:
     def groups(ps):
         return two_groups(ps, GROUPS) if split else ps
@@ -67,7 +64,7 @@ FAST_CASES = [("foreach", config) for config in FAST_GRID] + [
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("impl,config", FAST_CASES,
-                         ids=[f"{impl}-{_ids([cfg])[0]}" for impl, cfg in FAST_CASES])
+                         ids=[f"{impl}-{config_ids([cfg])[0]}" for impl, cfg in FAST_CASES])
 def test_fast_paths_equal_reference(config: dict[str, Any], impl: str, dtype: torch.dtype,
                                     tol: float) -> None:
     ours, opt, ref, ref_opt = lockstep(

@@ -13,6 +13,7 @@ from tests.optim.harness import (
     assert_params_close,
     assert_round_trip_continues,
     assert_states_close,
+    config_ids,
     lockstep,
     two_groups,
 )
@@ -33,12 +34,8 @@ ADAM_GRID: list[dict[str, Any]] = [
 GROUPS = {"lr": 0.02, "weight_decay": 0.01, "amsgrad": True}
 
 
-def _ids(grid: list[dict[str, Any]]) -> list[str]:
-    return [",".join(f"{k}={v}" for k, v in cfg.items()) or "defaults" for cfg in grid]
-
-
 @pytest.mark.parametrize("split", [False, True], ids=["one-group", "two-groups"])
-@pytest.mark.parametrize("config", ADAM_GRID, ids=_ids(ADAM_GRID))
+@pytest.mark.parametrize("config", ADAM_GRID, ids=config_ids(ADAM_GRID))
 def test_adam_reference_equals_torch(config: dict[str, Any], split: bool) -> None:
     def groups(ps):
         return two_groups(ps, GROUPS) if split else ps
@@ -63,7 +60,7 @@ def test_adamw_reference_equals_torch(config: dict[str, Any]) -> None:
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("impl", ["foreach", "fused"])
 @pytest.mark.parametrize("cls", [Adam, AdamW])
-@pytest.mark.parametrize("config", ADAM_GRID[1:6], ids=_ids(ADAM_GRID[1:6]))
+@pytest.mark.parametrize("config", ADAM_GRID[1:6], ids=config_ids(ADAM_GRID[1:6]))
 def test_fast_paths_equal_reference(cls: type[Adam], config: dict[str, Any], impl: str,
                                     dtype: torch.dtype, tol: float) -> None:
     config = {k: v for k, v in config.items()

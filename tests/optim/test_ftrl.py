@@ -19,6 +19,7 @@ from tests.optim.harness import (
     assert_params_close,
     assert_states_close,
     clone_params,
+    config_ids,
     drive,
     lockstep,
     make_params,
@@ -45,10 +46,6 @@ def transposed(dtype: torch.dtype) -> torch.nn.Parameter:
     """A non-contiguous parameter."""
     gen = torch.Generator().manual_seed(1)
     return torch.nn.Parameter(torch.randn(5, 3, generator=gen, dtype=torch.float64).to(dtype).t())
-
-
-def _ids(grid: list[dict[str, Any]]) -> list[str]:
-    return [",".join(f"{k}={v}" for k, v in cfg.items()) or "defaults" for cfg in grid]
 
 
 def algorithm_1(w: float, g: float, z: float, n: float, *, lr: float, beta: float, l1: float,
@@ -106,7 +103,7 @@ def _run(steps: int = 200, impl: str = "auto", seed: int = 0,
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["one-group", "two-groups"])
-@pytest.mark.parametrize("config", FTRL_GRID, ids=_ids(FTRL_GRID))
+@pytest.mark.parametrize("config", FTRL_GRID, ids=config_ids(FTRL_GRID))
 def test_reference_equals_algorithm_1(config: dict[str, Any], split: bool) -> None:
     def groups(ps):
         return two_groups(ps, GROUPS) if split else ps
@@ -119,7 +116,7 @@ def test_reference_equals_algorithm_1(config: dict[str, Any], split: bool) -> No
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("config", FTRL_GRID[1:], ids=_ids(FTRL_GRID[1:]))
+@pytest.mark.parametrize("config", FTRL_GRID[1:], ids=config_ids(FTRL_GRID[1:]))
 def test_foreach_equals_reference(config: dict[str, Any], dtype: torch.dtype,
                                   tol: float) -> None:
     ours, opt, ref_params, ref = lockstep(

@@ -13,6 +13,7 @@ from tests.optim.harness import (
     GradientStream,
     assert_params_close,
     assert_states_close,
+    config_ids,
     lockstep,
     make_params,
     two_groups,
@@ -82,16 +83,13 @@ LARS_GRID: list[dict[str, Any]] = [
 GROUPS = {"lr": 2.0, "trust_coefficient": 0.002, "weight_decay": 0.01, "momentum": 0.5}
 
 
-def _ids(grid: list[dict[str, Any]]) -> list[str]:
-    return [",".join(f"{k}={v}" for k, v in cfg.items()) or "defaults" for cfg in grid]
-
-
 # every configuration beside a second group with other hyperparameters; a few alone
 RULE_CASES = [(cfg, True) for cfg in LARS_GRID] + [(LARS_GRID[i], False) for i in (0, 6, 9)]
 
 
 @pytest.mark.parametrize("config,split", RULE_CASES, ids=[
-    f"{_ids([cfg])[0]}-{'two-groups' if split else 'one-group'}" for cfg, split in RULE_CASES])
+    f"{config_ids([cfg])[0]}-{'two-groups' if split else 'one-group'}"
+    for cfg, split in RULE_CASES])
 def test_reference_follows_the_update_rule(config: dict[str, Any], split: bool) -> None:
     def groups(ps):
         return two_groups(ps, GROUPS) if split else ps
@@ -104,7 +102,7 @@ def test_reference_follows_the_update_rule(config: dict[str, Any], split: bool) 
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("config", LARS_GRID[1:], ids=_ids(LARS_GRID[1:]))
+@pytest.mark.parametrize("config", LARS_GRID[1:], ids=config_ids(LARS_GRID[1:]))
 def test_foreach_equals_reference(config: dict[str, Any], dtype: torch.dtype,
                                   tol: float) -> None:
     ours, opt, ref, ref_opt = lockstep(

@@ -18,6 +18,7 @@ from tests.optim.harness import (
     assert_params_close,
     assert_states_close,
     clone_params,
+    config_ids,
     drive,
     lockstep,
     make_params,
@@ -42,10 +43,6 @@ def transposed(dtype: torch.dtype) -> torch.nn.Parameter:
     """A non-contiguous parameter."""
     gen = torch.Generator().manual_seed(1)
     return torch.nn.Parameter(torch.randn(5, 3, generator=gen, dtype=torch.float64).to(dtype).t())
-
-
-def _ids(grid: list[dict[str, Any]]) -> list[str]:
-    return [",".join(f"{k}={v}" for k, v in cfg.items()) or "defaults" for cfg in grid]
 
 
 class ProgramOne(torch.optim.Optimizer):
@@ -78,7 +75,7 @@ class ProgramOne(torch.optim.Optimizer):
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["one-group", "two-groups"])
-@pytest.mark.parametrize("config", LION_GRID, ids=_ids(LION_GRID))
+@pytest.mark.parametrize("config", LION_GRID, ids=config_ids(LION_GRID))
 def test_reference_equals_program_1(config: dict[str, Any], split: bool) -> None:
     def groups(ps):
         return two_groups(ps, GROUPS) if split else ps
@@ -91,7 +88,7 @@ def test_reference_equals_program_1(config: dict[str, Any], split: bool) -> None
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("config", LION_GRID[1:5], ids=_ids(LION_GRID[1:5]))
+@pytest.mark.parametrize("config", LION_GRID[1:5], ids=config_ids(LION_GRID[1:5]))
 def test_foreach_equals_reference(config: dict[str, Any], dtype: torch.dtype,
                                   tol: float) -> None:
     ours, opt, ref_params, ref = lockstep(

@@ -15,6 +15,7 @@ from tests.optim.harness import (
     assert_params_close,
     assert_round_trip_continues,
     assert_states_close,
+    config_ids,
     lockstep,
     two_groups,
 )
@@ -42,11 +43,7 @@ FAST_GRID: list[dict[str, Any]] = [
 ]
 
 
-def _ids(grid: list[dict[str, Any]]) -> list[str]:
-    return [",".join(f"{k}={v}" for k, v in cfg.items()) or "defaults" for cfg in grid]
-
-
-@pytest.mark.parametrize("config", GRID, ids=_ids(GRID))
+@pytest.mark.parametrize("config", GRID, ids=config_ids(GRID))
 def test_reference_equals_torch(config: dict[str, Any]) -> None:
     ours, opt, theirs, ref = lockstep(
         lambda ps: RMSprop(two_groups(ps, GROUPS), impl="reference", **config),
@@ -66,7 +63,7 @@ def test_reference_equals_torch_in_one_group(config: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("config", FAST_GRID, ids=_ids(FAST_GRID))
+@pytest.mark.parametrize("config", FAST_GRID, ids=config_ids(FAST_GRID))
 def test_foreach_equals_reference(config: dict[str, Any], dtype: torch.dtype,
                                   tol: float) -> None:
     ours, opt, ref, ref_opt = lockstep(

@@ -14,7 +14,13 @@ import torch
 
 from gradguard.optim import Adagrad
 from gradguard.optim.rowwise import RowWiseAdagrad
-from tests.optim.harness import GradientStream, assert_params_close, lockstep, make_params
+from tests.optim.harness import (
+    GradientStream,
+    assert_params_close,
+    config_ids,
+    lockstep,
+    make_params,
+)
 from tests.optim.test_sparse_adagrad import (
     KERNEL_IMPLS,
     TABLES,
@@ -88,11 +94,7 @@ GRID: list[dict[str, Any]] = [
 ]
 
 
-def _ids(grid: list[dict[str, Any]]) -> list[str]:
-    return [",".join(f"{k}={v}" for k, v in cfg.items()) or "defaults" for cfg in grid]
-
-
-@pytest.mark.parametrize("config", GRID, ids=_ids(GRID))
+@pytest.mark.parametrize("config", GRID, ids=config_ids(GRID))
 def test_dense_gradients_equal_the_row_formula(config: dict[str, Any]) -> None:
     ours, _, theirs, _ = lockstep(lambda ps: RowWiseAdagrad(ps, **config),
                                   lambda ps: PlainRowWise(ps, **config), 300)
@@ -100,7 +102,7 @@ def test_dense_gradients_equal_the_row_formula(config: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
-@pytest.mark.parametrize("config", GRID, ids=_ids(GRID))
+@pytest.mark.parametrize("config", GRID, ids=config_ids(GRID))
 def test_sparse_gradients_equal_the_row_formula_over_300_zipf_steps(config: dict[str, Any],
                                                                      impl: str) -> None:
     ours, opt, theirs, ref = sparse_lockstep(lambda ps: RowWiseAdagrad(ps, impl=impl, **config),
@@ -126,7 +128,7 @@ def test_untouched_rows_are_bit_identical(impl: str, mode: str) -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("config", GRID[2:], ids=_ids(GRID[2:]))
+@pytest.mark.parametrize("config", GRID[2:], ids=config_ids(GRID[2:]))
 def test_kernel_equals_torch_ops(config: dict[str, Any], dtype: torch.dtype,
                                  tol: float) -> None:
     ours, opt, ref, ref_opt = sparse_lockstep(

@@ -15,6 +15,7 @@ from tests.optim.harness import (
     assert_params_close,
     assert_round_trip_continues,
     assert_states_close,
+    config_ids,
     lockstep,
     make_params,
     two_groups,
@@ -49,12 +50,8 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _ids(grid: list[dict[str, Any]]) -> list[str]:
-    return [",".join(f"{k}={v}" for k, v in cfg.items()) or "defaults" for cfg in grid]
-
-
 @pytest.mark.parametrize("split", [False, True], ids=["one-group", "two-groups"])
-@pytest.mark.parametrize("config", SGD_GRID, ids=_ids(SGD_GRID))
+@pytest.mark.parametrize("config", SGD_GRID, ids=config_ids(SGD_GRID))
 def test_reference_equals_torch(config: dict[str, Any], split: bool) -> None:
     def groups(ps):
         return two_groups(ps, GROUPS) if split else ps
@@ -68,7 +65,7 @@ def test_reference_equals_torch(config: dict[str, Any], split: bool) -> None:
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("impl", ["foreach", "fused"])
-@pytest.mark.parametrize("config", SGD_GRID[1:], ids=_ids(SGD_GRID[1:]))
+@pytest.mark.parametrize("config", SGD_GRID[1:], ids=config_ids(SGD_GRID[1:]))
 def test_fast_paths_equal_reference(config: dict[str, Any], impl: str, dtype: torch.dtype,
                                     tol: float, one_thread: None) -> None:
     ours, opt, ref, ref_opt = lockstep(

@@ -15,7 +15,7 @@ import torch
 
 import gradguard.optim as go
 from gradguard.optim import _sparse
-from tests.optim.harness import rel_err
+from tests.optim.harness import config_ids, rel_err
 
 # torch's own sparse paths build tensors without invariant checks
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
@@ -152,12 +152,8 @@ GRID: list[dict[str, Any]] = [
 ]
 
 
-def _ids(grid: list[dict[str, Any]]) -> list[str]:
-    return [",".join(f"{k}={v}" for k, v in cfg.items()) or "defaults" for cfg in grid]
-
-
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
-@pytest.mark.parametrize("config", GRID, ids=_ids(GRID))
+@pytest.mark.parametrize("config", GRID, ids=config_ids(GRID))
 def test_sparse_step_equals_torch_over_300_zipf_steps(config: dict[str, Any], impl: str) -> None:
     ours, opt, theirs, ref = sparse_lockstep(lambda ps: go.Adagrad(ps, impl=impl, **config),
                                              lambda ps: torch.optim.Adagrad(ps, **config))

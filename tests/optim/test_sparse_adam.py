@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gradguard.optim.sparse_adam import SparseAdam
-from tests.optim.harness import rel_err
+from tests.optim.harness import config_ids, rel_err
 from tests.optim.test_sparse_adagrad import (
     KERNEL_IMPLS,
     TABLES,
@@ -33,12 +33,8 @@ GRID: list[dict[str, Any]] = [
 ]
 
 
-def _ids(grid: list[dict[str, Any]]) -> list[str]:
-    return [",".join(f"{k}={v}" for k, v in cfg.items()) or "defaults" for cfg in grid]
-
-
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
-@pytest.mark.parametrize("config", GRID, ids=_ids(GRID))
+@pytest.mark.parametrize("config", GRID, ids=config_ids(GRID))
 def test_equals_torch_sparse_adam_over_300_zipf_steps(config: dict[str, Any], impl: str) -> None:
     ours, opt, theirs, ref = sparse_lockstep(lambda ps: SparseAdam(ps, impl=impl, **config),
                                              lambda ps: torch.optim.SparseAdam(ps, **config))

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from gradguard.optim.ftrl import FTRL
+from tests.optim.harness import config_ids
 from tests.optim.test_sparse_adagrad import (
     KERNEL_IMPLS,
     STEPS,
@@ -40,12 +41,8 @@ GRID: list[dict[str, Any]] = [
 ]
 
 
-def _ids(grid: list[dict[str, Any]]) -> list[str]:
-    return [",".join(f"{k}={v}" for k, v in cfg.items()) or "defaults" for cfg in grid]
-
-
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
-@pytest.mark.parametrize("config", GRID, ids=_ids(GRID))
+@pytest.mark.parametrize("config", GRID, ids=config_ids(GRID))
 def test_sparse_from_zero_weights_equals_dense_over_300_zipf_steps(config: dict[str, Any],
                                                                    impl: str) -> None:
     sparse = [torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64)) for shape in TABLES]
