@@ -16,7 +16,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/gradguard train examples/ctr-demo.toml --overwrite
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

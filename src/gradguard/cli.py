@@ -42,6 +42,56 @@ def _cmd_ckpt_verify(args: argparse.Namespace) -> int:
     return tools.verify_command(args.path, key_file=args.key_file)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from gradguard.run import ConfigError, RunDirectoryError, config, train
+
+    try:
+        cfg = config.load(args.config, args.set)
+        if args.output:
+            cfg.run.output = args.output
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite,
+                       progress=False if args.quiet else None)
+    except (ConfigError, RunDirectoryError) as exc:
+        print(f"gradguard train: {exc}", file=sys.stderr)
+        return 2
+    return result.exit_code
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from gradguard.run import ConfigError, config
+
+    try:
+        cfg = config.load(args.file, args.set)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok (workload {cfg.workload.name}, run directory {cfg.run.output})")
+    return 0
+
+
+def _cmd_config_example(args: argparse.Namespace) -> int:
+    from gradguard.run.examples import example
+
+    try:
+        print(example(args.workload), end="")
+    except ValueError as exc:
+        print(f"gradguard config example: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from gradguard.report import build_report
+
+    try:
+        path = build_report(args.run_dir, args.output)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"gradguard report: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradguard",
@@ -71,6 +121,37 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt_verify.add_argument("--key-file", help="signing key file (default: GRADGUARD_CKPT_KEY "
                              "or GRADGUARD_CKPT_KEY_FILE)")
     ckpt_verify.set_defaults(func=_cmd_ckpt_verify)
+
+    train_cmd = commands.add_parser(
+        "train", help="train a workload from a TOML config; writes a run directory and a report")
+    train_cmd.add_argument("config", metavar="CONFIG", help="the run's TOML config")
+    train_cmd.add_argument("--resume", action="store_true",
+                           help="continue the run in run.output from its newest good checkpoint")
+    train_cmd.add_argument("--overwrite", action="store_true",
+                           help="replace an existing run directory")
+    train_cmd.add_argument("--output", metavar="DIR", help="run directory (overrides run.output)")
+    train_cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a config value, e.g. --set train.steps=100 (repeatable)")
+    train_cmd.add_argument("-q", "--quiet", action="store_true",
+                           help="no progress bar: only events and the summary")
+    train_cmd.set_defaults(func=_cmd_train)
+
+    cfg = commands.add_parser("config", help="check a config, or print a commented example")
+    cfg_commands = cfg.add_subparsers(dest="config_command", metavar="COMMAND", required=True)
+    check = cfg_commands.add_parser("check", help="validate FILE; exit 0 if it can run, 1 if not")
+    check.add_argument("file", metavar="FILE")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a value before checking (repeatable)")
+    check.set_defaults(func=_cmd_config_check)
+    example = cfg_commands.add_parser("example", help="print a commented config for WORKLOAD")
+    example.add_argument("workload", metavar="WORKLOAD",
+                         help="ctr, digits, mnist1d, quadratic, rosenbrock, or module:factory")
+    example.set_defaults(func=_cmd_config_example)
+
+    report = commands.add_parser("report", help="(re)build RUN_DIR/report.html")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("-o", "--output", help="write the report here instead")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -68,6 +68,16 @@ def test_divergence_compares_window_medians() -> None:
     assert det.divergence(rising[-60:], window=50) is None  # one window: nothing to compare
 
 
+def test_divergence_near_zero_must_give_back_part_of_the_progress() -> None:
+    """From 2.3 to 0.011, then 0.025: more than doubled, yet 0.6% of the progress: noise."""
+    losses = [2.3] * 50 + [0.011] * 50 + [0.025] * 50
+    assert det.divergence(losses, window=50, rise=1.0) is not None  # doubling alone would fire
+    assert det.divergence(losses, window=50, rise=1.0, start=2.3, regress=0.1) is None
+    back = [2.3] * 50 + [0.011] * 50 + [0.5] * 50                   # gave back 21%: diverging
+    found = det.divergence(back, window=50, rise=1.0, start=2.3, regress=0.1)
+    assert found is not None and found.evidence["start_median_loss"] == 2.3
+
+
 def test_divergence_ignores_isolated_spikes() -> None:
     losses = [1.0] * 100
     losses[-10] = 1e6

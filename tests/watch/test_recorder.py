@@ -348,3 +348,36 @@ def test_a_step_that_raised_does_not_stop_the_recording() -> None:
         _train(optimizer, params, 2, start=2)
     assert recorder.step == 3
     assert "effective_lr" in sink.find(3).metrics
+
+
+def test_a_hybrid_is_measured_group_by_group_with_each_inner_optimizers_schema() -> None:
+    """Hybrid(Adagrad, AdamW) records what one recorder per inner optimizer records."""
+    import gradguard.optim as go
+
+    def run(hybrid: bool) -> dict[str, dict[str, Any]]:
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(5))
+        inner = {"tables": go.Adagrad([a], lr=0.1), "dense": go.AdamW([b], lr=0.01)}
+        for name, opt in inner.items():
+            opt.param_groups[0]["name"] = name
+        sinks = {name: ListSink() for name in inner}
+        if hybrid:
+            sink = ListSink()
+            recorders = [Recorder(go.Hybrid(inner), [sink], every=1, full_every=1)]
+        else:
+            recorders = [Recorder(opt, [sinks[n]], every=1, full_every=1)
+                         for n, opt in inner.items()]
+        for _ in range(3):
+            a.grad, b.grad = torch.randn(6, 4), torch.randn(5)
+            for opt in inner.values():
+                opt.step() if not hybrid else None
+            if hybrid:
+                recorders[0].optimizer.step()
+        records = sink.records if hybrid else [r for s in sinks.values() for r in s.records]
+        return {r.group: r.metrics for r in records if r.step == 3 and "effective_lr" in r.metrics}
+
+    together, apart = run(True), run(False)
+    assert set(together) == {"tables", "dense"}
+    for group in ("tables", "dense"):
+        assert together[group]["effective_lr"] == apart[group]["effective_lr"]
+        assert together[group]["accumulator"] == apart[group]["accumulator"]

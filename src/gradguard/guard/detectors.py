@@ -141,14 +141,18 @@ def _medians(values: Sequence[float], window: int) -> list[float]:
     return [statistics.median(values[i:i + window]) for i in range(start, len(values), window)]
 
 
-def divergence(losses: Sequence[float], *, window: int = 50,
-               rise: float = 1.0) -> Detection | None:
+def divergence(losses: Sequence[float], *, window: int = 50, rise: float = 1.0,
+               start: float | None = None, regress: float = 0.1) -> Detection | None:
     """A sustained rise: the median of the last ``window`` losses exceeds the best earlier.
 
     The losses are cut into blocks of ``window`` (the last block ends now); fires
     when the last block's median is above the lowest earlier block median by more
-    than ``rise`` times its magnitude (``rise=1``: it doubled). Medians ignore
-    isolated spikes; that is what ``loss_spike`` is for.
+    than ``rise`` times its magnitude (``rise=1``: it doubled) and, when ``start``
+    (the median loss of the run's first window) is given and above the best, by at
+    least ``regress`` times the progress made (``start - best``): a loss that went
+    from 2.3 to 0.011 and wobbles to 0.025 has doubled but given back 0.6% of its
+    progress, which is noise near zero, not divergence. Medians ignore isolated
+    spikes; that is what ``loss_spike`` is for.
     """
     values = finite(losses)
     medians = _medians(values, window)
@@ -157,11 +161,14 @@ def divergence(losses: Sequence[float], *, window: int = 50,
     best, now = min(medians[:-1]), medians[-1]
     if now - best <= rise * max(abs(best), 1e-12):
         return None
+    if start is not None and start > best and now - best < regress * (start - best):
+        return None
     return Detection("divergence",
                      f"median loss of the last {window} steps {now:.6g} is "
                      f"{now / best if best > 0 else math.inf:.3g}x the best window's {best:.6g}",
                      {"median_loss": now, "best_median_loss": best, "window": window,
-                      "rise": rise, "windows": len(medians)})
+                      "rise": rise, "windows": len(medians), "start_median_loss": start,
+                      "regress": regress})
 
 
 def plateau(values: Sequence[float], *, patience: int = 10, min_delta: float = 1e-3,

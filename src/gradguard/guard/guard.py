@@ -199,6 +199,8 @@ class Guard:
         history = max(p.detector("divergence")["history"], p.detector("starvation")["window"],
                       p.detector("plateau")["every"])
         self._losses: deque[tuple[int, float]] = deque(maxlen=history)
+        self._start_loss: float | None = None
+        """Median loss of the run's first divergence window (how far training has come)."""
         starve = p.detector("starvation")
         self._updates: deque[tuple[int, float, float]] = deque(
             maxlen=max(1, starve["window"] // starve["every"]))
@@ -499,7 +501,11 @@ class Guard:
         d = p.detector("divergence")
         if d.enabled and step % d["every"] == 0:
             losses = [loss for _, loss in self._losses][-d["history"]:]
-            found = det.divergence(losses, window=d["window"], rise=d["rise"])
+            if self._start_loss is None and len(self._losses) >= d["window"]:
+                first = det.finite([v for _, v in list(self._losses)[:d["window"]]])
+                self._start_loss = statistics.median(first) if first else None
+            found = det.divergence(losses, window=d["window"], rise=d["rise"],
+                                   start=self._start_loss, regress=d["regress"])
             if found is not None:
                 self._losses.clear()
                 self._act(step, found, d.action, onset=step - d["window"], taken=taken)
@@ -874,7 +880,7 @@ class Guard:
             "step": self.step_count, "calls": self._calls, "counts": dict(self.counts),
             "detections": dict(self.detections), "loss_window": list(self._loss_window),
             "norm_window": list(self._norm_window),
-            "losses": [list(x) for x in self._losses],
+            "losses": [list(x) for x in self._losses], "start_loss": self._start_loss,
             "updates": [list(x) for x in self._updates],
             "evals": [list(x) for x in self._evals], "loss_evals": list(self._loss_evals),
             "skip_batches": self._skip_batches, "lr_cooldown_until": self._lr_cooldown_until,
@@ -894,6 +900,7 @@ class Guard:
         self._norm_window.extend(state["norm_window"])
         self._losses.clear()
         self._losses.extend((int(s), float(v)) for s, v in state["losses"])
+        self._start_loss = state.get("start_loss")
         self._updates.clear()
         self._updates.extend((int(s), float(u), float(e)) for s, u, e in state["updates"])
         self._evals = [(int(s), float(v), None if t is None else float(t))

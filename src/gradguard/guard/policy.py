@@ -128,7 +128,7 @@ DETECTOR_SPECS: dict[str, _DetectorSpec] = {
     "grad_spike": _DetectorSpec("skip", ("skip", "clip", *REMEDIES), _SPIKE),
     "divergence": _DetectorSpec("rollback", REMEDIES, {
         "window": _int(50, 2), "rise": _float(1.0, 0, low_open=True),
-        "history": _int(1000, 2), "every": _int(10)}),
+        "regress": _float(0.1, 0), "history": _int(1000, 2), "every": _int(10)}),
     "plateau": _DetectorSpec("alert", REMEDIES, {
         "patience": _int(10), "min_delta": _float(1e-3, 0), "mode": _choice("min", ("min", "max")),
         "source": _choice("eval", ("eval", "loss")), "every": _int(100)}),

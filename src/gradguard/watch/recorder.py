@@ -172,6 +172,8 @@ class Recorder:
         self.every = _check_cadence("every", every)
         self.full_every = _check_cadence("full_every", full_every)
         self.schema = schema if schema is not None else schema_for(optimizer)
+        self._explicit_schema = schema is not None
+        self._group_schemas: dict[int, StateSchema] = {}
         self.batch_size = batch_size
         self.step = int(start_step)
         """The number of optimizer steps done (the step of the latest emission)."""
@@ -363,6 +365,28 @@ class Recorder:
         return records
 
     # ---------------------------------------------------------------- tiers
+    def schema_of(self, group: Mapping[str, Any]) -> StateSchema:
+        """The schema of one parameter group: its inner optimizer's for a ``Hybrid``.
+
+        An optimizer made of others (an ``optimizers`` mapping whose param groups
+        are the same objects, as :class:`gradguard.optim.Hybrid`) is measured
+        group by group with each inner optimizer's schema, unless a schema was
+        given to the recorder.
+        """
+        if self._explicit_schema:
+            return self.schema
+        found = self._group_schemas.get(id(group))
+        if found is None:
+            found = self.schema
+            inner = getattr(self.optimizer, "optimizers", None)
+            if isinstance(inner, Mapping):
+                for optimizer in inner.values():
+                    if any(g is group for g in getattr(optimizer, "param_groups", ())):
+                        found = schema_for(optimizer)
+                        break
+            self._group_schemas[id(group)] = found
+        return found
+
     def _sampled_tier(self, gi: int, group: Mapping[str, Any], metrics: dict[str, MetricValue],
                       samples: dict[str, Tensor], *, skip_grad: bool) -> None:
         """Sampled-coordinate statistics of one group, a few whole-group tensor ops.
@@ -370,7 +394,7 @@ class Recorder:
         Per tensor only the gathers (``torch.take``) run; everything else works
         on the group's concatenated sample, so the cost is flat in model size.
         """
-        schema = self.schema
+        schema = self.schema_of(group)
         f64 = torch.float64
         state_of = self.optimizer.state
         sampler = self._sampler
@@ -515,7 +539,7 @@ class Recorder:
 
     def _full_tier(self, gi: int, label: str, step: int, group: Mapping[str, Any],
                    metrics: dict[str, MetricValue], *, skip_grad: bool) -> None:
-        schema = self.schema
+        schema = self.schema_of(group)
         params: list[Tensor] = list(group["params"])
         param_norms = q.norms(params)
         metrics["param_norm"] = math.sqrt(sum(n * n for n in param_norms))
