@@ -196,3 +196,21 @@ def test_a_browser_that_hangs_is_killed_with_its_children(tmp_path: Path,
         assert not stat.exists() or stat.read_text().split()[2] == "Z", pid
     shell = int(pids.read_text().split()[0])
     assert not Path(f"/proc/{shell}").exists()  # our own child was reaped
+
+
+def test_the_demo_runs_report_renders_every_section_with_plots(browser: str,
+                                                                tmp_path: Path) -> None:
+    """`make demo`'s config (shortened), trained by `gradguard train`, seen in Chromium."""
+    from gradguard.cli import main
+
+    root = Path(__file__).resolve().parents[2]
+    run = tmp_path / "demo"
+    assert main(["train", str(root / "examples" / "ctr-demo.toml"), "-q", "--output", str(run),
+                 "--set", "train.steps=200", "--set", "train.eval_every=100",
+                 "--set", "workload.options.n_train=100000"]) == 0
+    drawn, _ = inspect(browser, run / "report.html", tmp_path / "browser")
+    assert list(drawn) == SECTION_IDS
+    for sid in PLOTTED:
+        assert drawn[sid]["svg"] >= 1 and drawn[sid]["drawn_paths"] >= 5, (sid, drawn[sid])
+        if sid != "timeline":  # a clean run's timeline says that the guard did nothing
+            assert drawn[sid]["empty"] == [], (sid, drawn[sid])  # the hybrid's groups have data

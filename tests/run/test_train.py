@@ -196,3 +196,37 @@ def test_bf16_autocast_and_gradient_accumulation_train(tmp_path: Path) -> None:
     assert result.best["value"] >= 0.9
     # 300 micro-batches of 32 over 1347 training images: 43 batches per epoch (the last one 3)
     assert result.summary["samples"] == 6 * 1347 + 42 * 32
+
+
+def test_ctr_through_the_runner_gets_within_2_percent_of_the_optimal_logloss(
+        tmp_path: Path) -> None:
+    """The demo's optimizer (row-wise Adagrad + AdamW) on a small generated click log."""
+    data = config.tomllib.loads((ROOT / "examples" / "ctr-demo.toml").read_text())
+    data["run"]["output"] = str(tmp_path / "run")
+    data["workload"]["options"].update(vocab=200, n_train=200_000, n_eval=20_000)
+    data["train"].update(epochs=2, eval_every=100)
+    del data["train"]["steps"]
+    result = train(config.parse(data), progress=False)
+    optimum = result.summary["info"]["optimal_logloss"]
+    assert result.final_metrics["logloss"] <= 1.02 * optimum
+    assert result.summary["target"]["reached_step"] is not None
+    assert result.steps == 2 * 391  # 200,000 samples in batches of 512, twice
+
+
+def test_mnist1d_logistic_regression_reaches_the_papers_accuracy(tmp_path: Path) -> None:
+    data = config.tomllib.loads((ROOT / "examples" / "mnist1d-logreg.toml").read_text())
+    data["run"]["output"] = str(tmp_path / "run")
+    data["train"].update(steps=1000, eval_every=250)
+    result = train(config.parse(data), progress=False)
+    assert result.best["value"] >= 0.32 - 0.03
+
+
+@pytest.mark.parametrize(("model", "paper"), [("logreg", 0.32), ("mlp", 0.68), ("cnn", 0.94)])
+def test_the_mnist1d_examples_reproduce_the_papers_table(
+        model: str, paper: float, tmp_path: Path) -> None:
+    """Greydanus 2020, Table 1: logistic regression 32%, MLP 68%, CNN 94% (within 3 points)."""
+    out = tmp_path / "run"
+    assert main(["train", str(ROOT / "examples" / f"mnist1d-{model}.toml"), "-q",
+                 "--output", str(out)]) == 0
+    final = json.loads((out / layout.SUMMARY).read_text())["final"]["accuracy"]
+    assert abs(final - paper) <= 0.03, final
