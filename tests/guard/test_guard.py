@@ -132,6 +132,15 @@ def test_plateau_and_overfitting_watch_the_evaluations() -> None:
     assert all(r["action"] == "alert" for r in guard.audit.records)
 
 
+def test_a_plateau_is_reported_once_per_patience_not_at_every_evaluation() -> None:
+    opt = go.Adam(make_model().parameters(), lr=1e-3)
+    guard = Guard(opt, {"detectors": {"plateau": {"patience": 3}, "overfitting": False}})
+    for value in [1.0] + [2.0] * 9:          # no improvement after the first evaluation
+        guard.observe_eval(value)
+    fired = [r["step"] for r in guard.audit.records if r["detector"] == "plateau"]
+    assert len(fired) == 3                   # evaluations 4, 7 and 10, not 4 to 10
+
+
 def test_accumulator_risk_watches_half_precision_state() -> None:
     p = torch.nn.Parameter(torch.zeros(1000, dtype=torch.float16))
     opt = go.Adagrad([p], lr=1e-2, state_dtype=torch.float16)

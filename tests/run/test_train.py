@@ -230,3 +230,38 @@ def test_the_mnist1d_examples_reproduce_the_papers_table(
                  "--output", str(out)]) == 0
     final = json.loads((out / layout.SUMMARY).read_text())["final"]["accuracy"]
     assert abs(final - paper) <= 0.03, final
+
+
+def test_lbfgs_runs_with_its_own_closure_convention(tmp_path: Path) -> None:
+    data = {"run": {"output": str(tmp_path / "run"), "precision": "fp64"},
+            "workload": {"name": "rosenbrock"},
+            "optimizer": {"name": "lbfgs", "line_search_fn": "strong_wolfe", "max_iter": 20,
+                          "tolerance_grad": 1e-12, "tolerance_change": 1e-15},
+            "train": {"steps": 50, "eval_every": 1, "stop_at_target": True}}
+    result = train(config.parse(data), progress=False)
+    assert result.status == "target_reached" and result.final_metrics["distance"] < 1e-6
+
+
+def test_a_failing_checkpoint_write_is_reported_and_training_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk at one save: an event, a counter, a retry at the next save, no crash."""
+    from gradguard.ckpt.commit import RenameCommit
+
+    commit = RenameCommit.commit
+    calls = {"n": 0}
+
+    def disk_full_once(self: RenameCommit, staging: str, name: str, manifest: bytes) -> str:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return commit(self, staging, name, manifest)
+
+    monkeypatch.setattr(RenameCommit, "commit", disk_full_once)
+    out = tmp_path / "run"
+    result = train(config.parse(digits_config(out, steps=40, eval_every=10)), progress=False)
+    assert result.status == "finished" and result.steps == 40
+    failed = [e for e in events(out) if e["event"] == "checkpoint_failed"]
+    assert [e["step"] for e in failed] == [20] and "No space left" in failed[0]["error"]
+    assert result.summary["checkpoints"] == {"saved": 3, "failed": 1}
+    assert sorted(int(p.name.split("-")[1]) for p in (out / layout.CHECKPOINTS).glob("step-*")) \
+        == [10, 30, 40]

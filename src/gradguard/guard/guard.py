@@ -205,6 +205,7 @@ class Guard:
         self._updates: deque[tuple[int, float, float]] = deque(
             maxlen=max(1, starve["window"] // starve["every"]))
         self._evals: list[tuple[int, float, float | None]] = []
+        self._eval_fired: dict[str, int] = {}
         self._loss_evals: list[float] = []
         self._rules = [_Rule(rule) for rule in p.escalation]
         self._calls = 0
@@ -540,18 +541,23 @@ class Guard:
         train = statistics.median(recent) if recent else None
         self._evals.append((at, float(value), train))
         p = self.policy
+        # a detector that fired judges again only after `patience` new evaluations
         d = p.detector("plateau")
-        if d.enabled and d["source"] == "eval":
+        if (d.enabled and d["source"] == "eval"
+                and len(self._evals) - self._eval_fired.get("plateau", 0) > d["patience"]):
             found = det.plateau([v for _, v, _ in self._evals], patience=d["patience"],
                                 min_delta=d["min_delta"], mode=d["mode"])
             if found is not None:
+                self._eval_fired["plateau"] = len(self._evals) - 1
                 self._act(at, found, d.action, onset=at, taken=taken)
         d = p.detector("overfitting")
         with_train = [(v, t) for _, v, t in self._evals if t is not None]
-        if d.enabled and with_train:
+        if (d.enabled and with_train
+                and len(self._evals) - self._eval_fired.get("overfitting", 0) > d["patience"]):
             found = det.overfitting([v for v, _ in with_train], [t for _, t in with_train],
                                     patience=d["patience"], mode=d["mode"])
             if found is not None:
+                self._eval_fired["overfitting"] = len(self._evals) - 1
                 self._act(at, found, d.action, onset=at, taken=taken)
         self._escalate(at, taken)
 
@@ -883,6 +889,7 @@ class Guard:
             "losses": [list(x) for x in self._losses], "start_loss": self._start_loss,
             "updates": [list(x) for x in self._updates],
             "evals": [list(x) for x in self._evals], "loss_evals": list(self._loss_evals),
+            "eval_fired": dict(self._eval_fired),
             "skip_batches": self._skip_batches, "lr_cooldown_until": self._lr_cooldown_until,
             "rules": [{"count": r.count, "first_step": r.first_step,
                        "calls": [list(c) for c in r.calls]} for r in self._rules],
@@ -906,6 +913,7 @@ class Guard:
         self._evals = [(int(s), float(v), None if t is None else float(t))
                        for s, v, t in state["evals"]]
         self._loss_evals = [float(v) for v in state["loss_evals"]]
+        self._eval_fired = {str(k): int(v) for k, v in state.get("eval_fired", {}).items()}
         self._skip_batches = int(state["skip_batches"])
         self._lr_cooldown_until = int(state["lr_cooldown_until"])
         for rule, saved in zip(self._rules, state["rules"], strict=False):

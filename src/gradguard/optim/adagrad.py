@@ -9,6 +9,7 @@ parameter given to the constructor exists from construction on, so a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -113,6 +114,14 @@ class Adagrad(Optimizer):
                     state: dict[str, Any] = {}
                     self._init_state(group, p, state, self.state_dtype(group, p), impl_now)
                     self.state[p] = state
+
+    def _why_not_fused(self, group: Mapping[str, Any], params: list[Tensor]) -> str | None:
+        # torch.optim.Adagrad enables its fused kernel on the CPU only; the CUDA kernel
+        # behind torch._fused_adagrad_ leaves .grad scaled in its vectorised path
+        for p in params:
+            if p.device.type != "cpu":
+                return f"torch's fused Adagrad kernel runs on the cpu only, not {p.device.type}"
+        return super()._why_not_fused(group, params)
 
     def _impl_for_placement(self, group: dict[str, Any]) -> str:
         """The impl that decides where step counters live; errors wait for ``step()``."""

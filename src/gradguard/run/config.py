@@ -326,8 +326,13 @@ FULL_BATCH_OPTIMIZERS = {
     "gradient_descent": ("gradguard.optim.linesearch", "GradientDescent"),
     "nonlinear_cg": ("gradguard.optim.cg", "NonlinearCG"),
     "newton": ("gradguard.optim.newton", "Newton"),
+    "lbfgs": ("torch.optim", "LBFGS"),
 }
 """Closure-based optimizers the runner accepts besides the registry (full-batch workloads)."""
+
+CLOSURE_CALLS_BACKWARD = frozenset({"lbfgs"})
+"""Those whose closure must compute the gradients (torch's convention); gradguard's line-search
+methods differentiate the closure's loss themselves."""
 
 
 def optimizer_class(name: str) -> type:

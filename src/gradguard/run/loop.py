@@ -43,7 +43,13 @@ import torch
 
 from gradguard import __version__
 from gradguard.run import rundir
-from gradguard.run.config import FULL_BATCH_OPTIMIZERS, Config, ConfigError, dumps
+from gradguard.run.config import (
+    CLOSURE_CALLS_BACKWARD,
+    FULL_BATCH_OPTIMIZERS,
+    Config,
+    ConfigError,
+    dumps,
+)
 from gradguard.run.workload import Batch, TensorData, Workload
 
 RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.early_stopping", "train.stop_at_target",
@@ -493,6 +499,7 @@ class _Context:
         self.state = state
         self.full_batch = workload.full_batch
         self.closure_based = (cfg.optimizer.name in FULL_BATCH_OPTIMIZERS)
+        self.closure_backward = cfg.optimizer.name in CLOSURE_CALLS_BACKWARD
         self._audit_seen = len(guard.audit.records) if guard is not None else 0
         from gradguard.run.console import Progress
 
@@ -582,26 +589,52 @@ class _Context:
                             "bad_evals": st.bad_evals, "samples": st.samples,
                             "seconds": st.seconds, "target_step": st.target_step},
                    "guard": self.guard.state_dict() if self.guard is not None else None})
-        if blocking or not self.cfg.checkpoint.async_save:
-            info = self.checkpointer.save(step, **kwargs)
-            self.events.write("checkpoint", step, path=info.path, metrics=metrics)
-        else:
-            self._note_async()
-            self.checkpointer.save_async(step, **kwargs)
-            self._pending_ckpt = (step, metrics)
+        from gradguard.ckpt import CheckpointError
+
+        self._note_async()
+        try:
+            if blocking or not self.cfg.checkpoint.async_save:
+                self._committed(step, self.checkpointer.save(step, **kwargs), metrics)
+            else:
+                self.checkpointer.save_async(step, **kwargs)
+                self._pending_ckpt = (step, metrics)
+        except (CheckpointError, OSError) as exc:
+            self._failed(step, exc)
         st.last_ckpt_step = step
 
     _pending_ckpt: tuple[int, dict[str, float]] | None = None
+    ckpt_saved = 0
+    ckpt_failed = 0
 
     def _note_async(self) -> None:
-        """Record the previous async save once it has committed."""
+        """Record the previous async save once it has committed (or failed)."""
         if self._pending_ckpt is None or self.checkpointer is None:
             return
-        info = self.checkpointer.wait()
+        from gradguard.ckpt import CheckpointError
+
         step, metrics = self._pending_ckpt
         self._pending_ckpt = None
+        try:
+            info = self.checkpointer.wait()
+        except (CheckpointError, OSError) as exc:
+            self._failed(step, exc)
+            return
         if info is not None:
-            self.events.write("checkpoint", step, path=info.path, metrics=metrics)
+            self._committed(step, info, metrics)
+
+    def _committed(self, step: int, info: Any, metrics: dict[str, float]) -> None:
+        self.ckpt_saved += 1
+        self.events.write("checkpoint", step, path=info.path, metrics=metrics)
+        self.recorder.log(step, checkpoint_saves_total=float(self.ckpt_saved),
+                          checkpoint_last_success_time=time.time(), checkpoint_step=float(step))
+
+    def _failed(self, step: int, exc: BaseException) -> None:
+        """A save that failed does not stop training: it is reported, and the next one retries."""
+        self.ckpt_failed += 1
+        self.events.write("checkpoint_failed", step, error=f"{type(exc).__name__}: {exc}")
+        self.recorder.log(step, checkpoint_failures_total=float(self.ckpt_failed))
+        self.say(f"[bold red]checkpoint of step {step} failed[/]: {type(exc).__name__}: {exc} "
+                 "(training goes on; the next save tries again)")
 
     # ------------------------------------------------------------ one step
     def _forward_backward(self, batch: Batch, scale: float) -> torch.Tensor:
@@ -626,7 +659,12 @@ class _Context:
             self.state.samples += len(self.stream.data)
 
             def closure() -> torch.Tensor:
-                # line search / Newton differentiate the returned loss themselves
+                # line search / Newton differentiate the returned loss themselves;
+                # torch.optim.LBFGS reads the gradients its closure computed
+                if self.closure_backward:
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.enable_grad():
+                        return self._forward_backward(batch, 1.0)
                 with self.autocast():
                     value: torch.Tensor = self.workload.loss(self.workload.model, batch)
                 return value
@@ -770,6 +808,7 @@ class _Context:
             "last_loss": st.last_loss,
             "guard": ({"counts": self.guard.counts, "detections": self.guard.detections}
                       if self.guard is not None else None),
+            "checkpoints": {"saved": self.ckpt_saved, "failed": self.ckpt_failed},
             "halted": st.halted,
             "info": _json_safe({k: v for k, v in wl.info.items()
                                 if isinstance(v, int | float | str | bool)}),

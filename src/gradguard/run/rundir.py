@@ -42,6 +42,8 @@ EVENT_KINDS = {
                       "target, seconds)",
     "early_stop": "early stopping (fields: metric, best, best_step, patience)",
     "guard": "a guard action other than a plain skip (fields: action, detector, message)",
+    "checkpoint_failed": "a save failed; training goes on and the next save retries "
+                         "(fields: error)",
     "interrupted": "Ctrl-C / SIGTERM: a checkpoint was saved and the run stopped (fields: signal)",
     "halted": "the guard stopped training (fields: diagnosis)",
     "finished": "training ended (fields: status, steps, seconds)",

@@ -88,7 +88,17 @@ def norms(tensors: Sequence[Tensor], ord: float = 2.0) -> list[float]:
     if not dense:
         return []
     result: Sequence[Tensor] = torch._foreach_norm(dense, ord)
-    return torch.stack([r.to(torch.float64) for r in result]).tolist()
+    # one read-back per device: optimizer state may mix devices (a CPU step counter
+    # next to CUDA moments), and torch.stack takes the tensors of one device only
+    by_device: dict[torch.device, list[int]] = {}
+    for i, r in enumerate(result):
+        by_device.setdefault(r.device, []).append(i)
+    values = [0.0] * len(result)
+    for run in by_device.values():
+        stacked = torch.stack([result[i].to(torch.float64) for i in run]).tolist()
+        for i, v in zip(run, stacked, strict=True):
+            values[i] = v
+    return values
 
 
 def count_nonfinite(tensors: Iterable[Tensor], norms_hint: Sequence[float] | None = None) -> int:
