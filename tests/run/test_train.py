@@ -265,3 +265,21 @@ def test_a_failing_checkpoint_write_is_reported_and_training_goes_on(
     assert result.summary["checkpoints"] == {"saved": 3, "failed": 1}
     assert sorted(int(p.name.split("-")[1]) for p in (out / layout.CHECKPOINTS).glob("step-*")) \
         == [10, 30, 40]
+
+
+def test_a_terminal_shows_a_progress_bar_guard_events_and_a_summary(tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=220, color_system=None)
+    data = digits_config(tmp_path / "run", steps=60, eval_every=20)
+    data["guard"] = {"policy": {"detectors": {"grad_spike": {"sigmas": 1.0, "warmup": 5}},
+                                "escalation": []}}
+    train(config.parse(data), console=console)
+    shown = screen.getvalue()
+    for text in ("train", "loss", "lr", "steps/s", "ETA", "accuracy"):
+        assert text in shown, text
+    assert "guard step" in shown and "grad_spike -> skip" in shown
+    assert "run finished" in shown and "best accuracy" in shown and "report:" in shown
