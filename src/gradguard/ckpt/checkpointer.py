@@ -91,6 +91,33 @@ RUN_COMPONENTS: tuple[str, ...] = ("scheduler", "scaler", "rng", "data_position"
 """Components stored in ``run.safetensors`` (tensors) and the manifest (the rest)."""
 
 
+_COPY_CHUNK = 8 << 20
+"""Bytes per memcpy task of a snapshot: small enough to balance the cores, large enough that
+the per-task overhead stays below 1% at memory bandwidth."""
+
+
+def _parallel_memcpy(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """``dst[:] = src`` for byte arrays, in chunks over the machine's cores.
+
+    ``np.copyto`` releases the GIL, so the threads copy at once: a snapshot is a
+    memory-bandwidth copy, and one core does not saturate the memory bus.
+    """
+    tasks = [(dst[i:i + _COPY_CHUNK], src[i:i + _COPY_CHUNK])
+             for dst, src in pairs for i in range(0, len(dst), _COPY_CHUNK)]
+    workers = min(len(tasks), os.cpu_count() or 1, 8)
+    if workers <= 1:
+        for dst, src in tasks:
+            np.copyto(dst, src)
+        return
+    for _ in _copy_pool().map(lambda task: np.copyto(task[0], task[1]), tasks):
+        pass
+
+
+@functools.cache
+def _copy_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(min(os.cpu_count() or 1, 8), thread_name_prefix="gradguard-copy")
+
+
 @dataclass(frozen=True)
 class KeepBest:
     """Retention rule: keep the ``count`` checkpoints with the best ``metric``.
@@ -356,6 +383,7 @@ class Checkpointer:
             return {name: host_contiguous(t) for name, t in tensors.items()}
         out = {}
         on_cuda = False
+        host: list[tuple[np.ndarray, np.ndarray]] = []
         for name, tensor in tensors.items():
             tensor = tensor.detach()
             buffer = self._buffers.get((fname, name))
@@ -364,12 +392,12 @@ class Checkpointer:
                 buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
                 self._buffers[(fname, name)] = buffer
             if tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.numel():
-                # A plain memory copy: about twice as fast as Tensor.copy_ on the CPU.
-                np.copyto(_bytes_of(buffer), _bytes_of(tensor))
+                host.append((_bytes_of(buffer), _bytes_of(tensor)))
             else:
                 on_cuda |= tensor.device.type == "cuda"
                 buffer.copy_(tensor, non_blocking=tensor.device.type == "cuda")
             out[name] = buffer
+        _parallel_memcpy(host)
         if on_cuda:
             torch.cuda.synchronize()
         return out
