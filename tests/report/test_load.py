@@ -12,17 +12,8 @@ import numpy as np
 import pytest
 
 from gradguard.report import ReportError, build_report, load_run
-from gradguard.report import data as report_data
 
 from .helpers import append_line
-
-
-def test_the_file_names_are_those_of_the_run_directory_layout() -> None:
-    from gradguard.run import rundir
-
-    for name in ("CONFIG", "ENV", "METRICS", "EVENTS", "GUARD_AUDIT", "CHECKPOINTS", "SUMMARY",
-                 "REPORT"):
-        assert getattr(report_data, name) == getattr(rundir, name), name
 
 
 def test_load_run_reads_every_file_of_a_trained_run(trained_run: Path) -> None:
@@ -166,8 +157,9 @@ def test_importing_and_building_a_report_needs_neither_torch_nor_pyplot(trained_
         "import sys\n"
         "from gradguard.report import build_report\n"
         f"build_report({str(trained_run)!r}, {str(tmp_path / 'r.html')!r})\n"
+        "names = {'gradguard.run', 'gradguard.run.rundir'}  # the run-directory file names\n"
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith("
         "('gradguard.run', 'gradguard.watch', 'gradguard.guard', 'gradguard.ckpt', "
-        "'matplotlib.pyplot')))\n"
+        "'matplotlib.pyplot')) and m not in names)\n"
         "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

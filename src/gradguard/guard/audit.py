@@ -30,13 +30,14 @@ from typing import IO, Any
 SCHEMA_VERSION = 1
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` as strict-JSON data: non-finite floats as strings, unknown objects as str."""
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return str(value)
@@ -72,11 +73,11 @@ class AuditLog:
             .replace("+00:00", "Z"),
             "step": int(step),
             "detector": detector,
-            "evidence": _json_safe(dict(evidence or {})),
+            "evidence": json_safe(dict(evidence or {})),
             "action": action,
             "outcome": outcome,
             "message": message,
-            **_json_safe(fields),
+            **json_safe(fields),
             "pid": os.getpid(),
             "host": self._host,
         }

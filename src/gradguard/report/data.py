@@ -30,16 +30,17 @@ else:  # pragma: no cover - Python 3.10 reads config.toml when tomli is installe
     except ModuleNotFoundError:
         tomllib = None
 
-# The run-directory layout (gradguard.run.rundir; duplicated, not imported, so that
-# reading a report never imports the training loop: tests/report checks they agree).
-CONFIG = "config.toml"
-ENV = "env.json"
-METRICS = "metrics.jsonl"
-EVENTS = "events.jsonl"
-GUARD_AUDIT = "guard.jsonl"
-CHECKPOINTS = "checkpoints"
-SUMMARY = "summary.json"
-REPORT = "report.html"
+# The run-directory layout (gradguard.run.rundir holds only names: importing it does not
+# import the training loop or torch).
+from gradguard.run.rundir import (
+    CHECKPOINTS,
+    CONFIG,
+    ENV,
+    EVENTS,
+    GUARD_AUDIT,
+    METRICS,
+    SUMMARY,
+)
 
 QUANTILE_KEYS = ("min", "p01", "p10", "p50", "p90", "p99", "max")
 """The keys of a recorded distribution (``gradguard.watch.QUANTILES``)."""

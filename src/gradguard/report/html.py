@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 
 import gradguard
+from gradguard.run.rundir import REPORT
 
 from . import plots
-from .data import REPORT, RUN_GROUP, RunData, Series, load_run
+from .data import RUN_GROUP, RunData, Series, load_run
 
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("loss", "Loss and evaluation"),

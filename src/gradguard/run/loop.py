@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from gradguard import __version__
+from gradguard.guard.audit import json_safe
 from gradguard.run import rundir
 from gradguard.run.config import (
     CLOSURE_CALLS_BACKWARD,
@@ -98,22 +99,12 @@ class EventLog:
     def write(self, event: str, step: int, **fields: Any) -> dict[str, Any]:
         iso, t = _now()
         record = {"time": iso, "wall_time": t, "step": step, "event": event, **fields}
-        self._file.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
+        self._file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self._file.flush()
         return record
 
     def close(self) -> None:
         self._file.close()
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -394,7 +385,7 @@ class Trainer:
                      target=(None if workload.target is None else
                              {"metric": workload.target.metric, "value": workload.target.value,
                               "mode": workload.target.mode}),
-                     info=_json_safe({k: v for k, v in workload.info.items()
+                     info=json_safe({k: v for k, v in workload.info.items()
                                       if isinstance(v, int | float | str | bool)}))
         if resumed_info is not None:
             events.write("resume", start_step, path=resumed_info.path,
@@ -810,7 +801,7 @@ class _Context:
                       if self.guard is not None else None),
             "checkpoints": {"saved": self.ckpt_saved, "failed": self.ckpt_failed},
             "halted": st.halted,
-            "info": _json_safe({k: v for k, v in wl.info.items()
+            "info": json_safe({k: v for k, v in wl.info.items()
                                 if isinstance(v, int | float | str | bool)}),
         }
         self.events.write("finished", st.step, status=st.status, steps=st.step, seconds=st.seconds)
@@ -818,7 +809,7 @@ class _Context:
         if self.guard is not None:
             self.guard.close()
         self.events.close()
-        (d / rundir.SUMMARY).write_text(json.dumps(_json_safe(summary), indent=1,
+        (d / rundir.SUMMARY).write_text(json.dumps(json_safe(summary), indent=1,
                                                    allow_nan=False), encoding="utf-8")
         report: Path | None = None
         try:
