@@ -92,6 +92,69 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from gradguard.compare import CompareError, run_compare
+    from gradguard.compare.report import text_summary
+
+    try:
+        result = run_compare(args.config, optimizers=args.optimizers, variants=args.variant,
+                             seeds=args.seeds, output=args.output, workers=args.workers,
+                             target=args.target, overrides=args.set, overwrite=args.overwrite,
+                             log=None if args.quiet else print)
+    except CompareError as exc:
+        print(f"gradguard compare: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gradguard compare: interrupted; run the same command again to continue",
+              file=sys.stderr)
+        return 130
+    print(text_summary(result.summary))
+    print(f"summary: {result.output / 'summary.json'}")
+    print(f"report: {result.report}")
+    return result.exit_code
+
+
+def _cmd_gate(args: argparse.Namespace) -> int:
+    from gradguard.compare import GateError, gate
+
+    directions = {}
+    for item in args.direction:
+        name, sep, mode = item.partition("=")
+        if not sep or mode not in ("min", "max"):
+            print(f"gradguard gate: --direction {item!r}: write METRIC=min or METRIC=max",
+                  file=sys.stderr)
+            return 2
+        directions[name] = mode
+    metrics = [m for m in args.metrics.split(",") if m] if args.metrics else None
+    try:
+        result = gate(args.baseline, args.candidate, args.eval, max_drop=args.max_drop,
+                      directions=directions, metrics=metrics, overrides=args.set,
+                      key_file=args.key_file)
+    except GateError as exc:
+        print(f"gradguard gate: {exc}", file=sys.stderr)
+        return 2
+    print(result.table())
+    if args.json:
+        print(f"written: {result.save(args.json)}")
+    return result.exit_code
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from gradguard.compare import SweepError, run_sweep
+
+    try:
+        result = run_sweep(args.config, args.space, trials=args.trials, output=args.output,
+                           storage=args.storage, study_name=args.study_name,
+                           overrides=args.set, objective=args.objective, pruner=args.pruner,
+                           seed=args.seed, log=None if args.quiet else print)
+    except SweepError as exc:
+        print(f"gradguard sweep: {exc}", file=sys.stderr)
+        return 2
+    if result.best_config is None:
+        print("gradguard sweep: no trial completed; no best config", file=sys.stderr)
+    return result.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradguard",
@@ -147,6 +210,72 @@ def build_parser() -> argparse.ArgumentParser:
     example.add_argument("workload", metavar="WORKLOAD",
                          help="ctr, digits, mnist1d, quadratic, rosenbrock, or module:factory")
     example.set_defaults(func=_cmd_config_example)
+
+    compare = commands.add_parser(
+        "compare", help="train every (optimizer, seed) pair and compare them with statistics")
+    compare.add_argument("config", metavar="CONFIG", help="the base TOML config")
+    compare.add_argument("--optimizers", metavar="A,B,...",
+                         help="optimizer names, one variant each (default hyperparameters)")
+    compare.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE",
+                         help="a config override for variant NAME (repeatable; NAME may be one "
+                         "of --optimizers)")
+    compare.add_argument("--seeds", default="3", metavar="N|S1,S2,...",
+                         help="number of seeds (from run.seed) or the seeds (default 3)")
+    compare.add_argument("--workers", type=int, metavar="N",
+                         help="parallel worker processes (default: one per core)")
+    compare.add_argument("--output", metavar="DIR",
+                         help="compare directory (default runs/<config name>-compare)")
+    compare.add_argument("--target", type=float, metavar="VALUE",
+                         help="primary-metric target for time-to-target (default: the "
+                         "workload's)")
+    compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a value of the base config (repeatable)")
+    compare.add_argument("--overwrite", action="store_true",
+                         help="delete the compare directory first instead of resuming it")
+    compare.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    compare.set_defaults(func=_cmd_compare)
+
+    gate_cmd = commands.add_parser(
+        "gate", help="evaluate two checkpoints on the same data; exit 1 on a regression")
+    gate_cmd.add_argument("--baseline", required=True, metavar="A",
+                          help="checkpoint, run directory, or evaluation record (.json, "
+                          "GATE.json:candidate)")
+    gate_cmd.add_argument("--candidate", required=True, metavar="B", help="same forms as A")
+    gate_cmd.add_argument("--eval", metavar="CONFIG",
+                          help="the evaluation config (workload, seed, precision)")
+    gate_cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a value of the evaluation config (repeatable)")
+    gate_cmd.add_argument("--max-drop", default="0.5%", metavar="X%|X",
+                          help="allowed worsening per metric: a percentage of the baseline or "
+                          "an absolute amount (default 0.5%%)")
+    gate_cmd.add_argument("--metrics", metavar="A,B", help="gate only these metrics")
+    gate_cmd.add_argument("--direction", action="append", default=[], metavar="METRIC=min|max",
+                          help="direction of a metric whose name does not tell (repeatable)")
+    gate_cmd.add_argument("--json", default="gate.json", metavar="PATH",
+                          help="write the result here (default gate.json; '' for none)")
+    gate_cmd.add_argument("--key-file", help="signing key file of signed checkpoints")
+    gate_cmd.set_defaults(func=_cmd_gate)
+
+    sweep = commands.add_parser(
+        "sweep", help="an Optuna hyperparameter sweep; continues after a kill")
+    sweep.add_argument("config", metavar="CONFIG", help="the base TOML config")
+    sweep.add_argument("--space", required=True, metavar="SPACE.toml",
+                       help="the search space (docs/compare.md)")
+    sweep.add_argument("--trials", type=int, required=True, metavar="N",
+                       help="finished (complete or pruned) trials the study should have")
+    sweep.add_argument("--output", metavar="DIR",
+                       help="sweep directory (default runs/<config name>-sweep)")
+    sweep.add_argument("--storage", metavar="URL|FILE",
+                       help="an Optuna RDB URL or a journal file (default DIR/study.db)")
+    sweep.add_argument("--study-name", metavar="NAME", help="default: the sweep directory's name")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a value of the base config (repeatable)")
+    sweep.add_argument("--objective", choices=("final", "best"), default="final",
+                       help="the primary metric at the end of each trial, or its best")
+    sweep.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median")
+    sweep.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
+    sweep.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    sweep.set_defaults(func=_cmd_sweep)
 
     report = commands.add_parser("report", help="(re)build RUN_DIR/report.html")
     report.add_argument("run_dir", metavar="RUN_DIR")
