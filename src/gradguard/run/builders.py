@@ -44,12 +44,28 @@ def select_parameters(workload: Workload, selector: str | list[str]
     return [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
 
 
-def build_optimizer(config: Config, workload: Workload) -> torch.optim.Optimizer:
-    """The configured optimizer over the workload model's trainable parameters."""
+def build_optimizer(config: Config, workload: Workload, *, zero: bool = False
+                    ) -> torch.optim.Optimizer:
+    """The configured optimizer over the workload model's trainable parameters.
+
+    ``zero=True`` (data-parallel runs with ``dist.zero``) wraps it in
+    ``torch.distributed.optim.ZeroRedundancyOptimizer``: each rank keeps the state
+    of its partition of the parameters (needs an initialised process group).
+    """
     spec = config.optimizer
     if spec.name is not None:
         params = [p for p in workload.model.parameters() if p.requires_grad]
+        if zero:
+            from gradguard.dist import make_zero
+
+            try:
+                return make_zero(params, optimizer_class(spec.name), **spec.hyperparameters)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError([("optimizer", str(exc))]) from None
         return _construct("optimizer", spec.name, params, spec.hyperparameters)
+    if zero:
+        raise ConfigError([("dist.zero", "ZeroRedundancyOptimizer wraps one optimizer class; a "
+                            "hybrid (optimizer.groups) cannot be sharded")])
     assert spec.groups is not None
     owner: dict[str, str] = {}
     optimizers: dict[str, torch.optim.Optimizer] = {}

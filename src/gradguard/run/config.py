@@ -174,6 +174,39 @@ class CheckpointSection(_Section):
     signing_key_file: str | None = Field(None, description="HMAC key file (signed checkpoints)")
 
 
+class LocalSGDSection(_Section):
+    """``[dist.local_sgd]``: post-local SGD (torch's ``model_averaging``), not every-step sync."""
+
+    period: int = Field(4, ge=1, description="steps between parameter averagings")
+    warmup_steps: int = Field(0, ge=0, description="steps of ordinary DDP before local SGD starts")
+    subgroup_size: int = Field(
+        1, ge=0, description="ranks that still all-reduce gradients every step: 1 (purely "
+        "local), 0 (the ranks of one machine, LOCAL_WORLD_SIZE), or N dividing the world size")
+
+
+class DistSection(_Section):
+    """``[dist]``: data-parallel training under ``torchrun`` (ignored in a single process)."""
+
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description='"auto" (nccl on CUDA, gloo on the CPU), "gloo" or "nccl"')
+    check_every: int | None = Field(
+        100, ge=1, description="steps between replica checksum comparisons (none: off)")
+    on_mismatch: Literal["resync_from_rank0", "stop"] = Field(
+        "resync_from_rank0", description='"resync_from_rank0" (broadcast rank 0\'s state) or '
+        '"stop" (halt with a diagnosis)')
+    spread_every: int | None = Field(
+        10, ge=1, description="steps between per-rank gradient-norm measurements (none: off)")
+    zero: bool = Field(False, description="shard the optimizer state "
+                       "(torch.distributed.optim.ZeroRedundancyOptimizer)")
+    local_sgd: LocalSGDSection | None = Field(
+        None, description="post-local SGD: {period, warmup_steps, subgroup_size}; off unless given")
+    timeout: float = Field(1800.0, gt=0, description="seconds a collective may wait for the "
+                           "other ranks")
+    find_unused_parameters: bool = Field(
+        False, description="DistributedDataParallel(find_unused_parameters=...)")
+    bucket_cap_mb: float = Field(25.0, gt=0, description="DDP gradient bucket size in MiB")
+
+
 class Config(_Section):
     """A whole run configuration."""
 
@@ -185,6 +218,7 @@ class Config(_Section):
     guard: GuardSection = Field(default_factory=GuardSection)
     recorder: RecorderSection = Field(default_factory=RecorderSection)  # type: ignore[arg-type]
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)  # type: ignore[arg-type]
+    dist: DistSection = Field(default_factory=DistSection)  # type: ignore[arg-type]
 
     @field_validator("workload", mode="before")
     @classmethod
@@ -478,6 +512,52 @@ def check_references(config: Config) -> list[tuple[str, str]]:
         problems.append(("run.precision", "line-search optimizers need fp32 or fp64, got bf16"))
     if math.isnan(config.schedule.warmup_start_factor):
         problems.append(("schedule.warmup_start_factor", "NaN is not allowed"))
+    problems += check_dist(config)
+    return problems
+
+
+RANK_LOCAL_DETECTORS: dict[str, tuple[str, ...]] = {
+    "grad_spike": ("alert", "clip"),
+    "starvation": ("alert",),
+    "accumulator_risk": ("alert",),
+}
+"""Under post-local SGD these detectors read rank-local values (gradients before any
+all-reduce, local parameters and state), so their decisions may differ between ranks: only
+actions that need no agreement are allowed (the runner makes ``alert`` their default there)."""
+
+
+def check_dist(config: Config) -> list[tuple[str, str]]:
+    """Problems with the ``[dist]`` section and what it is combined with."""
+    problems: list[tuple[str, str]] = []
+    d = config.dist
+    opt = config.optimizer
+    if d.zero and d.local_sgd is not None:
+        problems.append(("dist.zero", "ZeroRedundancyOptimizer shards optimizer state across "
+                         "replicas that post-local SGD lets drift apart; use one of dist.zero "
+                         "and dist.local_sgd"))
+    if d.zero and opt.groups is not None:
+        problems.append(("dist.zero", "ZeroRedundancyOptimizer wraps one optimizer class; a "
+                         "hybrid (optimizer.groups) cannot be sharded: use one optimizer, or "
+                         "dist.zero = false"))
+    if (d.zero or d.local_sgd is not None) and opt.name in FULL_BATCH_OPTIMIZERS:
+        problems.append(("dist", f"{opt.name} is a full-batch optimizer; data-parallel training "
+                         "(dist.zero, dist.local_sgd) needs a mini-batch optimizer"))
+    if d.local_sgd is not None and config.guard.enabled:
+        detectors = config.guard.policy.get("detectors", {}) or {}
+        for name, allowed in RANK_LOCAL_DETECTORS.items():
+            spec = detectors.get(name)
+            action = spec.get("action") if isinstance(spec, Mapping) else None
+            if action is not None and action not in allowed:
+                problems.append((f"guard.policy.detectors.{name}.action",
+                                 f"{action!r} needs every rank to agree, but under "
+                                 f"dist.local_sgd {name} judges rank-local values; allowed: "
+                                 f"{', '.join(map(repr, allowed))}"))
+        for i, rule in enumerate(config.guard.policy.get("escalation", []) or []):
+            if isinstance(rule, Mapping) and rule.get("action") in ("alert", "clip"):
+                problems.append((f"guard.policy.escalation[{i}].action",
+                                 f"escalating on {rule.get('action')!r} counts rank-local "
+                                 "decisions under dist.local_sgd; escalate on skip, rollback or "
+                                 "lr_backoff"))
     return problems
 
 

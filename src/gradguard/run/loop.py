@@ -17,6 +17,16 @@ Evaluation runs under ``torch.random.fork_rng``: it never changes what
 training draws. Together with the checkpoint's RNG states, optimizer state and
 the guard's history, a run resumed from a checkpoint ends with bit-identical
 parameters to the run that was never stopped.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the same loop runs on every rank with
+:class:`gradguard.dist.DataParallel`: the model is wrapped in
+``DistributedDataParallel``, each rank takes its shard (``index[rank::world]``)
+of every global batch of ``batch_size x world`` samples (so the position is
+still ``(epoch, batch)``, the same on every rank), one all-gather per step
+agrees on the global loss, non-finite ranks and stop requests, the replicas are
+compared every ``dist.check_every`` steps, evaluation runs on rank 0 and its
+metrics are broadcast, and only rank 0 writes the run directory. See
+docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -54,8 +64,13 @@ from gradguard.run.config import (
 from gradguard.run.workload import Batch, TensorData, Workload
 
 RESUMABLE_CHANGES = ("train.steps", "train.epochs", "train.early_stopping", "train.stop_at_target",
-                     "run.output")
-"""Config keys that may differ between a run and its ``--resume`` (extending a run)."""
+                     "run.output", "dist.zero", "dist.check_every", "dist.on_mismatch",
+                     "dist.spread_every", "dist.timeout", "dist.backend", "dist.bucket_cap_mb",
+                     "dist.find_unused_parameters")
+"""Config keys that may differ between a run and its ``--resume`` (extending a run; the
+``dist`` keys: resuming with or without sharded optimizer state, other checks). Besides these,
+``train.batch_size`` may change when the world size changes so that the global batch
+(``batch_size x world size``) stays the same."""
 
 
 class RunDirectoryError(RuntimeError):
@@ -92,23 +107,26 @@ def _now() -> tuple[str, float]:
 class EventLog:
     """Appends run events (``events.jsonl``), one flushed line each."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._file = path.open("a", encoding="utf-8")
+        """None: records are returned, not written (the other ranks of a distributed run)."""
+        self._file = path.open("a", encoding="utf-8") if path is not None else None
 
     def write(self, event: str, step: int, **fields: Any) -> dict[str, Any]:
         iso, t = _now()
         record = {"time": iso, "wall_time": t, "step": step, "event": event, **fields}
-        self._file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+            self._file.flush()
         return record
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    """Facts about where the run executes (env.json)."""
+def environment(device: torch.device, dist: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Facts about where the run executes (env.json); ``dist``: the data-parallel job's."""
     env: dict[str, Any] = {
         "gradguard": __version__, "torch": torch.__version__, "numpy": np.__version__,
         "python": platform.python_version(), "platform": platform.platform(),
@@ -119,6 +137,9 @@ def environment(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         env["gpu"] = torch.cuda.get_device_name(device)
+    env["world_size"] = int(dist["world_size"]) if dist else 1
+    if dist:
+        env["dist"] = dist
     return env
 
 
@@ -139,16 +160,36 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
 
 
 class DataStream:
-    """Mini-batches of a :class:`TensorData`, epoch after epoch, from a resumable position."""
+    """Mini-batches of a :class:`TensorData`, epoch after epoch, from a resumable position.
+
+    With ``world_size`` > 1 (data-parallel), a step's global batch is the next
+    ``batch_size * world_size`` samples of the epoch's order and this rank takes
+    its shard ``index[rank::world_size]`` (as ``DistributedSampler`` strides), so
+    the union of the ranks' shards is the batch a single process with the global
+    batch size would take, and the position ``(epoch, batch)`` counts global
+    batches: the same on every rank, and valid for any world size with the same
+    global batch. :attr:`weight` is the last shard's share of the global batch
+    times the world size (1 unless the epoch's last batch does not split evenly):
+    scaling each rank's mean loss by it makes DDP's gradient average the global
+    batch's mean gradient. A rank whose shard of a short last batch would be
+    empty takes one sample with weight 0.
+    """
 
     def __init__(self, data: TensorData, batch_size: int, seed: int, epoch: int = 0,
-                 batch: int = 0) -> None:
+                 batch: int = 0, *, rank: int = 0, world_size: int = 1) -> None:
         self.data = data
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = epoch
         self.batch = batch
-        self.batches_per_epoch = max(1, math.ceil(len(data) / batch_size))
+        self.rank = rank
+        self.world_size = world_size
+        self.global_batch = batch_size * world_size
+        self.batches_per_epoch = max(1, math.ceil(len(data) / self.global_batch))
+        self.weight = 1.0
+        """The last shard's loss weight (see the class docstring)."""
+        self.last_global_size = 0
+        """Samples in the last global batch (all ranks together)."""
         self._order: torch.Tensor | None = None
         self._order_epoch = -1
 
@@ -165,9 +206,17 @@ class DataStream:
             self._order = epoch_order(self.seed, self.epoch, len(self.data))
             self._order_epoch = self.epoch
         assert self._order is not None
-        start = self.batch * self.batch_size
-        index = self._order[start:start + self.batch_size]
+        start = self.batch * self.global_batch
+        index = self._order[start:start + self.global_batch]
         self.batch += 1
+        self.last_global_size = len(index)
+        if self.world_size > 1:
+            shard = index[self.rank::self.world_size]
+            if len(shard) == 0:
+                shard, self.weight = index[:1], 0.0
+            else:
+                self.weight = len(shard) * self.world_size / len(index)
+            index = shard
         return self.data.batch(index)
 
     @property
@@ -242,7 +291,7 @@ class Trainer:
         self._stop_signal: str | None = None
 
     # --------------------------------------------------------- directory
-    def _prepare_directory(self) -> bool:
+    def _prepare_directory(self, world_size: int = 1) -> bool:
         """Create or reuse the run directory; True when there is a run to resume."""
         d = self.run_dir
         exists = d.exists() and any(d.iterdir())
@@ -255,8 +304,15 @@ class Trainer:
 
                 old = tomllib.loads(saved.read_text(encoding="utf-8"))
                 new = self.config.to_dict()
+                old.setdefault("dist", new["dist"])  # a run started before [dist] existed
                 changed = [k for k in _diff(_strip_none(old), _strip_none(new))
                            if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES)]
+                if "train.batch_size" in changed:
+                    # another world size with the same global batch: the data position holds
+                    old_world = _saved_world_size(d)
+                    if (old.get("train", {}).get("batch_size", 0) * old_world
+                            == self.config.train.batch_size * world_size):
+                        changed.remove("train.batch_size")
                 if changed:
                     raise RunDirectoryError(
                         f"--resume: the config differs from the one {d} was started with, at: "
@@ -275,25 +331,45 @@ class Trainer:
 
     # --------------------------------------------------------- run
     def run(self) -> RunResult:
+        """Train (on this rank when ``torchrun`` started a data-parallel job); see :func:`train`."""
+        from gradguard.dist import env as dist_env
+
+        cfg = self.config
+        if cfg.run.threads is not None:
+            torch.set_num_threads(cfg.run.threads)
+        try:
+            denv = dist_env.setup(cfg.run.device, cfg.dist.backend, cfg.dist.timeout)
+        except dist_env.DistributedSetupError as exc:
+            raise ConfigError([("dist", str(exc))]) from None
+        try:
+            return self._run(denv)
+        finally:
+            dist_env.teardown(denv)
+
+    def _run(self, denv: Any) -> RunResult:
         from gradguard.run import workloads
         from gradguard.run.builders import build_optimizer, build_schedule, build_sinks
 
         cfg = self.config
-        device = torch.device(cfg.run.device)
-        if cfg.run.threads is not None:
-            torch.set_num_threads(cfg.run.threads)
+        device = denv.device if denv is not None else torch.device(cfg.run.device)
+        world = denv.world_size if denv is not None else 1
+        rank0 = denv is None or denv.is_rank0
         seed_everything(cfg.run.seed, cfg.run.deterministic)
         try:
             workload = workloads.load(cfg.workload.name, seed=cfg.run.seed,
                                       options=cfg.workload.options)
         except ValueError as exc:
             raise ConfigError([("workload", str(exc))]) from None
+        if denv is not None:
+            _refuse_data_parallel(cfg, workload)
         dtype = torch.float64 if cfg.run.precision == "fp64" else None
         workload.model.to(device=device, dtype=dtype)
         train_data = _to(workload.train, device, dtype)
         eval_data = _to(workload.eval, device, dtype)
-        optimizer = build_optimizer(cfg, workload)
-        stream = DataStream(train_data, cfg.train.batch_size, cfg.run.seed)
+        optimizer = build_optimizer(cfg, workload, zero=denv is not None and cfg.dist.zero)
+        parallel = _data_parallel(cfg, denv, workload, optimizer) if denv is not None else None
+        stream = DataStream(train_data, cfg.train.batch_size, cfg.run.seed,
+                            rank=denv.rank if denv is not None else 0, world_size=world)
         micro = cfg.train.grad_accumulation
         if cfg.train.steps is not None:
             total_steps = cfg.train.steps
@@ -304,11 +380,26 @@ class Trainer:
         eval_every = cfg.train.eval_every or max(1, total_steps // 20)
         ckpt_every = cfg.checkpoint.every or eval_every
 
-        resumable = self._prepare_directory()
+        # ---- the run directory: rank 0 prepares and writes it; the others learn the outcome
+        resumable, refused = False, None
+        if rank0:
+            try:
+                resumable = self._prepare_directory(world)
+            except RunDirectoryError as exc:
+                refused = str(exc)
+        if parallel is not None:
+            from gradguard.dist.collectives import broadcast_object
+
+            refused, resumable = broadcast_object((refused, resumable), device=denv.comm_device)
+        if refused is not None:
+            raise RunDirectoryError(refused)
         d = self.run_dir
-        (d / rundir.CONFIG).write_text(dumps(cfg.to_dict()), encoding="utf-8")
-        (d / rundir.ENV).write_text(json.dumps(environment(device), indent=1), encoding="utf-8")
-        events = EventLog(d / rundir.EVENTS)
+        dist_facts = parallel.describe() if parallel is not None else None
+        if rank0:
+            (d / rundir.CONFIG).write_text(dumps(cfg.to_dict()), encoding="utf-8")
+            (d / rundir.ENV).write_text(json.dumps(environment(device, dist_facts), indent=1),
+                                        encoding="utf-8")
+        events = EventLog(d / rundir.EVENTS if rank0 else None)
         from gradguard.ckpt import Checkpointer, KeepBest
 
         keep_best = (KeepBest(workload.primary_metric, workload.mode, cfg.checkpoint.keep_best)
@@ -317,18 +408,24 @@ class Trainer:
                                      keep_every=cfg.checkpoint.keep_every, keep_best=keep_best,
                                      config=cfg.to_dict(),
                                      signing_key_file=cfg.checkpoint.signing_key_file)
-                        if cfg.checkpoint.enabled else None)
+                        if cfg.checkpoint.enabled and rank0 else None)
+        ckpt_optimizer = (parallel.checkpoint_optimizer(optimizer) if parallel is not None
+                          else optimizer)
 
-        # ---- resume
+        # ---- resume (rank 0 restores; the others receive its state)
         start_step = 0
         loop_state: dict[str, Any] = {}
         guard_state: dict[str, Any] | None = None
-        resumed_info = None
-        if self.resume and resumable and checkpointer is not None:
-            resumed_info = checkpointer.latest()
+        resumed_info: Any = None
+        if self.resume and resumable and cfg.checkpoint.enabled:
+            if checkpointer is not None:
+                resumed_info = checkpointer.latest()
+                if resumed_info is not None:
+                    checkpointer.restore(model=workload.model, optimizer=ckpt_optimizer,
+                                         scheduler=scheduler, path=resumed_info.path)
+            if parallel is not None:
+                resumed_info = _resume_from_rank0(parallel, resumed_info, scheduler)
             if resumed_info is not None:
-                checkpointer.restore(model=workload.model, optimizer=optimizer,
-                                     scheduler=scheduler, path=resumed_info.path)
                 start_step = resumed_info.step
                 extra = resumed_info.extra or {}
                 loop_state = dict(extra.get("loop", {}))
@@ -338,29 +435,43 @@ class Trainer:
 
         from gradguard.watch import Recorder
 
-        if resumed_info is not None:
+        if resumed_info is not None and rank0:
             _truncate_metrics(d / rundir.METRICS, start_step)
-        sinks = build_sinks(cfg, d, d / rundir.METRICS)
+        sinks = build_sinks(cfg, d, d / rundir.METRICS) if rank0 else []
         embeddings = dict(workload.model.named_parameters())
         from gradguard.run.builders import embedding_names
 
         tables = [embeddings[n] for n in embedding_names(workload)]
-        recorder = Recorder(optimizer, sinks, every=cfg.recorder.every,
-                            full_every=cfg.recorder.full_every,
+        recorder = Recorder(optimizer, sinks, every=cfg.recorder.every if rank0 else None,
+                            full_every=cfg.recorder.full_every if rank0 else None,
                             sample_size=cfg.recorder.sample_size, seed=cfg.run.seed,
-                            batch_size=cfg.train.batch_size * micro, embeddings=tables,
+                            batch_size=cfg.train.batch_size * micro * world, embeddings=tables,
                             start_step=start_step)
+        audit_path = str(d / rundir.GUARD_AUDIT) if rank0 else None
         guard = None
+        audit = None
         if cfg.guard.enabled:
             from gradguard.guard import Guard
 
-            guard = Guard(optimizer, guard_policy(cfg.guard.policy, workload.mode),
-                          checkpointer, recorder,
+            guard_ckpt: Any = checkpointer
+            if parallel is not None and cfg.checkpoint.enabled:
+                from gradguard.dist import RollbackCheckpointer
+
+                guard_ckpt = RollbackCheckpointer(checkpointer, parallel)
+            local_sgd = parallel is not None and parallel.local_sgd is not None
+            guard = Guard(optimizer, guard_policy(cfg.guard.policy, workload.mode,
+                                                  local_sgd=local_sgd),
+                          guard_ckpt, recorder,
                           model=workload.model, scheduler=scheduler,
-                          audit=str(d / rundir.GUARD_AUDIT), start_step=start_step,
+                          audit=audit_path, start_step=start_step,
                           seed=cfg.run.seed)
             if guard_state is not None:
                 guard.load_state_dict(guard_state)
+            audit = guard.audit
+        elif parallel is not None:
+            from gradguard.guard import AuditLog
+
+            audit = AuditLog(audit_path)
 
         devices = ([device.index or 0] if device.type == "cuda" else [])
 
@@ -377,7 +488,8 @@ class Trainer:
             target_step=loop_state.get("target_step"))
         ctx = _Context(self, cfg, workload, optimizer, scheduler, stream, eval_data, recorder,
                        guard, checkpointer, events, autocast, devices, total_steps, eval_every,
-                       ckpt_every, state)
+                       ckpt_every, state, parallel=parallel, ckpt_optimizer=ckpt_optimizer,
+                       audit=audit)
         events.write("start", start_step, workload=workload.name,
                      optimizer=_optimizer_name(cfg), steps=total_steps,
                      resumed_from=resumed_info.path if resumed_info else None,
@@ -386,7 +498,8 @@ class Trainer:
                              {"metric": workload.target.metric, "value": workload.target.value,
                               "mode": workload.target.mode}),
                      info=json_safe({k: v for k, v in workload.info.items()
-                                      if isinstance(v, int | float | str | bool)}))
+                                      if isinstance(v, int | float | str | bool)}),
+                     world_size=world, **({"dist": dist_facts} if dist_facts else {}))
         if resumed_info is not None:
             events.write("resume", start_step, path=resumed_info.path,
                          checkpoint_step=resumed_info.step)
@@ -394,6 +507,69 @@ class Trainer:
         elif self.resume:
             ctx.say("[yellow]--resume: no checkpoint to resume from; starting from step 0[/]")
         return ctx.loop()
+
+
+@dataclass
+class _Resumed:
+    """What every rank knows of the checkpoint rank 0 resumed from."""
+
+    step: int
+    path: str
+    metrics: dict[str, Any]
+    extra: dict[str, Any] | None
+    data_position: dict[str, Any] | None
+
+
+def _resume_from_rank0(parallel: Any, info: Any, scheduler: Any) -> _Resumed | None:
+    """Send what rank 0 restored (``info``: its CheckpointInfo, or None) to every rank."""
+    from gradguard.dist.collectives import broadcast_state
+
+    payload = None
+    if info is not None:
+        payload = {"step": int(info.step), "path": str(info.path), "metrics": dict(info.metrics),
+                   "extra": info.extra, "data_position": info.data_position}
+    payload = broadcast_state(payload if parallel.is_rank0 else None,
+                              device=parallel.env.comm_device)
+    if payload is None:
+        return None
+    full = parallel.view.loaded if parallel.view is not None else None
+    parallel.sync_from_rank0(scheduler=scheduler, optimizer_state=True,
+                             full_optimizer_state=full)
+    if parallel.view is not None:
+        parallel.view.loaded = None
+    parallel.load_checkpoint_extra((payload["extra"] or {}).get("dist"))
+    return _Resumed(**payload)
+
+
+def _refuse_data_parallel(cfg: Config, workload: Workload) -> None:
+    """What cannot run data-parallel: full-batch workloads and closure-based optimizers."""
+    if workload.full_batch:
+        raise ConfigError([("workload", f"{workload.name} is a full-batch problem (every step "
+                            "is the whole training split): there is no batch to split across "
+                            "ranks; run it in one process")])
+    names = ([cfg.optimizer.name] if cfg.optimizer.name is not None else
+             [g.name for g in (cfg.optimizer.groups or {}).values()])
+    for name in names:
+        if name in FULL_BATCH_OPTIMIZERS:
+            raise ConfigError([("optimizer.name", f"{name} re-evaluates the loss in a closure "
+                                "(line search / full batch), which data-parallel training "
+                                "does not coordinate; run it in one process")])
+
+
+def _data_parallel(cfg: Config, denv: Any, workload: Workload, optimizer: Any) -> Any:
+    """The :class:`gradguard.dist.DataParallel` of this rank (DDP around the model)."""
+    from gradguard.dist import DataParallel, DistributedConfigError
+
+    d = cfg.dist
+    local = d.local_sgd
+    try:
+        return DataParallel(
+            denv, workload.model, optimizer, check_every=d.check_every,
+            on_mismatch=d.on_mismatch, spread_every=d.spread_every,
+            local_sgd=(local.period, local.warmup_steps, local.subgroup_size) if local else None,
+            find_unused_parameters=d.find_unused_parameters, bucket_cap_mb=d.bucket_cap_mb)
+    except DistributedConfigError as exc:
+        raise ConfigError([(exc.key, exc.message)]) from None
 
 
 @dataclass
@@ -413,11 +589,15 @@ class _LoopState:
     halted: str | None = None
 
 
-def guard_policy(policy: dict[str, Any], mode: str) -> dict[str, Any]:
+def guard_policy(policy: dict[str, Any], mode: str, *, local_sgd: bool = False
+                 ) -> dict[str, Any]:
     """The configured policy, with the evaluation detectors judging in the workload's mode.
 
     ``plateau`` and ``overfitting`` read the primary metric; unless the config
     says otherwise, "better" means what the workload says (accuracy: higher).
+    Under post-local SGD (``local_sgd``) the detectors that read rank-local values
+    (:data:`~gradguard.run.config.RANK_LOCAL_DETECTORS`) only ``alert`` unless the
+    config names another allowed action: their decisions may differ between ranks.
     """
     detectors = {name: dict(spec) for name, spec in policy.get("detectors", {}).items()}
     for name in ("plateau", "overfitting"):
@@ -425,7 +605,21 @@ def guard_policy(policy: dict[str, Any], mode: str) -> dict[str, Any]:
         if name == "plateau" and spec.get("source") == "loss":
             continue
         spec.setdefault("mode", mode)
+    if local_sgd:
+        from gradguard.run.config import RANK_LOCAL_DETECTORS
+
+        for name in RANK_LOCAL_DETECTORS:
+            detectors.setdefault(name, {}).setdefault("action", "alert")
     return {**policy, "detectors": detectors}
+
+
+def _saved_world_size(run_dir: Path) -> int:
+    """The world size the run in ``run_dir`` last ran with (env.json; 1 if unknown)."""
+    try:
+        env = json.loads((run_dir / rundir.ENV).read_text(encoding="utf-8"))
+        return int(env.get("world_size", 1))
+    except (OSError, ValueError, TypeError):
+        return 1
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -470,7 +664,8 @@ class _Context:
                  eval_data: TensorData, recorder: Any, guard: Any, checkpointer: Any,
                  events: EventLog, autocast: Callable[[], contextlib.AbstractContextManager[Any]],
                  devices: list[int], total_steps: int, eval_every: int, ckpt_every: int,
-                 state: _LoopState) -> None:
+                 state: _LoopState, *, parallel: Any = None, ckpt_optimizer: Any = None,
+                 audit: Any = None) -> None:
         self.trainer = trainer
         self.cfg = cfg
         self.workload = workload
@@ -491,27 +686,52 @@ class _Context:
         self.full_batch = workload.full_batch
         self.closure_based = (cfg.optimizer.name in FULL_BATCH_OPTIMIZERS)
         self.closure_backward = cfg.optimizer.name in CLOSURE_CALLS_BACKWARD
-        self._audit_seen = len(guard.audit.records) if guard is not None else 0
+        self.parallel = parallel
+        """The :class:`gradguard.dist.DataParallel` of a data-parallel run (None: one process)."""
+        self.rank0 = parallel is None or parallel.is_rank0
+        self.train_model: torch.nn.Module = (parallel.ddp if parallel is not None
+                                             else workload.model)
+        self.ckpt_optimizer = ckpt_optimizer if ckpt_optimizer is not None else optimizer
+        self.checkpointing = cfg.checkpoint.enabled
+        self.audit = guard.audit if guard is not None else audit
+        self._audit_seen = len(self.audit.records) if self.audit is not None else 0
+        self._agreed_stop = False
+        self._spread: dict[str, float] | None = None
         from gradguard.run.console import Progress
 
-        self.ui = Progress(trainer.console, enabled=trainer.progress, total=total_steps,
-                           start=state.step, run_dir=trainer.run_dir)
+        console = trainer.console
+        if not self.rank0:  # one rank speaks for the job
+            import io
+
+            from rich.console import Console
+
+            console = Console(file=io.StringIO())
+        self.ui = Progress(console, enabled=trainer.progress if self.rank0 else False,
+                           total=total_steps, start=state.step, run_dir=trainer.run_dir)
 
     def say(self, message: str) -> None:
-        self.ui.print(message)
+        if self.rank0:
+            self.ui.print(message)
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, step: int) -> dict[str, float]:
+        """The workload's metrics now (data-parallel: rank 0 evaluates, every rank gets them)."""
         started = time.perf_counter()
-        metrics = evaluate(self.workload, self.eval_data, self.cfg.train.eval_batch_size,
-                           self.autocast, self.devices)
-        for name, mask in self.workload.slices.items():
-            if not mask.any():
-                continue
-            index = mask.nonzero().flatten().to(self.eval_data.tensors[0].device)
-            part = evaluate(self.workload, TensorData(self.eval_data.batch(index)),
-                            self.cfg.train.eval_batch_size, self.autocast, self.devices)
-            metrics.update({f"{name}_{k}": v for k, v in part.items()})
+        metrics: dict[str, float] = {}
+        if self.rank0:
+            metrics = evaluate(self.workload, self.eval_data, self.cfg.train.eval_batch_size,
+                               self.autocast, self.devices)
+            for name, mask in self.workload.slices.items():
+                if not mask.any():
+                    continue
+                index = mask.nonzero().flatten().to(self.eval_data.tensors[0].device)
+                part = evaluate(self.workload, TensorData(self.eval_data.batch(index)),
+                                self.cfg.train.eval_batch_size, self.autocast, self.devices)
+                metrics.update({f"{name}_{k}": v for k, v in part.items()})
+        if self.parallel is not None:
+            from gradguard.dist.collectives import broadcast_object
+
+            metrics = broadcast_object(metrics, device=self.parallel.env.comm_device)
         seconds = time.perf_counter() - started
         self.recorder.log(step, **{f"eval_{k}": v for k, v in metrics.items()})
         self.events.write("eval", step, metrics=metrics, seconds=seconds)
@@ -569,17 +789,24 @@ class _Context:
 
     # ------------------------------------------------------------ checkpoints
     def save(self, step: int, *, blocking: bool) -> None:
-        if self.checkpointer is None or step == self.state.last_ckpt_step:
+        if not self.checkpointing or step == self.state.last_ckpt_step:
             return
         st = self.state
+        extra: dict[str, Any] = {
+            "loop": {"best": st.best, "best_step": st.best_step, "bad_evals": st.bad_evals,
+                     "samples": st.samples, "seconds": st.seconds,
+                     "target_step": st.target_step},
+            "guard": self.guard.state_dict() if self.guard is not None else None}
+        if self.parallel is not None:  # every rank: gather RNG states, consolidate ZeRO shards
+            extra["dist"] = self.parallel.checkpoint_extra(self.stream.global_batch)
+        if self.checkpointer is None:  # not rank 0
+            st.last_ckpt_step = step
+            return
         metrics = dict(st.last_eval) if st.last_eval_step == step else {}
         kwargs = dict(
-            model=self.workload.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            model=self.workload.model, optimizer=self.ckpt_optimizer, scheduler=self.scheduler,
             metrics=metrics, data_position={**self.stream.position(), "step": step},
-            extra={"loop": {"best": st.best, "best_step": st.best_step,
-                            "bad_evals": st.bad_evals, "samples": st.samples,
-                            "seconds": st.seconds, "target_step": st.target_step},
-                   "guard": self.guard.state_dict() if self.guard is not None else None})
+            extra=extra)
         from gradguard.ckpt import CheckpointError
 
         self._note_async()
@@ -630,7 +857,7 @@ class _Context:
     # ------------------------------------------------------------ one step
     def _forward_backward(self, batch: Batch, scale: float) -> torch.Tensor:
         with self.autocast():
-            loss = self.workload.loss(self.workload.model, batch)
+            loss = self.workload.loss(self.train_model, batch)
         (loss * scale).backward() if scale != 1.0 else loss.backward()
         return loss.detach()
 
@@ -667,12 +894,30 @@ class _Context:
         else:
             total = torch.zeros((), device=self.stream.data.tensors[0].device
                                 if self.stream.data.tensors else None)
-            for _ in range(micro):
+            parallel = self.parallel
+            for i in range(micro):
                 batch = self._next_batch()
-                total += self._forward_backward(batch, 1.0 / micro).float()
-                self.state.samples += len(batch[0]) if batch else 0
+                last = i == micro - 1
+                if parallel is None:
+                    total += self._forward_backward(batch, 1.0 / micro).float()
+                else:  # sync the gradients once, at the last micro-batch
+                    weight = self.stream.weight
+                    if last:
+                        parallel.arm(self._next_step())
+                    with parallel.no_sync(not last):
+                        loss_i = self._forward_backward(batch, weight / micro).float()
+                    total += loss_i if weight == 1.0 else loss_i * weight
+                self.state.samples += self.stream.last_global_size
             loss = total / micro
             step_closure = None
+            if parallel is not None:
+                agreed = parallel.agree(loss, stop=self.trainer._stop_signal is not None)
+                self._agreed_stop, self._spread = agreed.stop, agreed.spread
+                loss = agreed.loss
+                if agreed.nonfinite_ranks:
+                    self._nonfinite_ranks(agreed)
+                    if guard is None:  # nothing non-finite gets in, and no rank steps alone
+                        return False, _value(loss)
         if guard is not None:
             # the recorder labels records by the guard's step (which counts skipped steps
             # too, and goes back on a rollback), like the loss, evaluations and checkpoints
@@ -688,11 +933,37 @@ class _Context:
             self.scheduler.step()
         return applied, loss_value
 
+    def _next_step(self) -> int:
+        return (self.guard.step_count if self.guard is not None else self.state.step) + 1
+
+    def _nonfinite_ranks(self, agreed: Any) -> None:
+        """Audit which ranks had a non-finite loss or gradients (every rank skips the step)."""
+        if self.audit is None:
+            return
+        self.audit.write(
+            self._next_step(), "nonfinite_rank", "skip", "skipped on every rank",
+            evidence={"ranks": agreed.nonfinite_ranks, "local_losses": agreed.local_losses},
+            message=f"non-finite loss or gradients on rank(s) "
+                    f"{', '.join(map(str, agreed.nonfinite_ranks))}: every rank skips this step")
+
+    def _after_parallel_step(self, step: int) -> None:
+        """Post-local SGD averaging, the gradient-norm spread, the replica check (every rank)."""
+        parallel = self.parallel
+        values = parallel.after_step(step)
+        if self._spread is not None:
+            values.update(self._spread)
+            self._spread = None
+        if values:
+            self.recorder.log(step, **values)
+        if parallel.replica_check_due(step):
+            parallel.check_replicas(step, audit=self.audit, recorder=self.recorder,
+                                    guard=self.guard, scheduler=self.scheduler)
+
     def _report_guard_events(self) -> None:
         """Print the guard's new audit records; every action but a plain skip is an event."""
-        if self.guard is None:
+        if self.audit is None:
             return
-        records = self.guard.audit.records
+        records = self.audit.records
         for record in records[self._audit_seen:]:
             action, outcome = record.get("action"), record.get("outcome")
             if record.get("detector") == "rollback" and action == "skip_batch":
@@ -719,11 +990,16 @@ class _Context:
         try:
             with self.ui:
                 while st.step < self.total_steps and not stop:
-                    if self.trainer._stop_signal is not None:
+                    # data-parallel: a stop request travels with the step's agreement, and
+                    # every rank stops after the same step (below)
+                    if self.trainer._stop_signal is not None and self.parallel is None:
                         st.status = "interrupted"
                         break
                     try:
                         _, loss = self.one_step()
+                        if self.parallel is not None:
+                            self._after_parallel_step(self.guard.step_count if self.guard
+                                                      is not None else st.step + 1)
                     except TrainingHalted as exc:
                         st.status, st.halted = "halted", str(exc)
                         st.step = self.guard.step_count if self.guard is not None else st.step + 1
@@ -739,7 +1015,7 @@ class _Context:
                     if step % cfg.train.log_every == 0 or step == self.total_steps:
                         self.recorder.log(step, loss=loss, epoch=self.stream.epochs_done,
                                           samples_seen=float(st.samples))
-                    due_ckpt = self.checkpointer is not None and step % self.ckpt_every == 0
+                    due_ckpt = self.checkpointing and step % self.ckpt_every == 0
                     if step % self.eval_every == 0 or due_ckpt or step == self.total_steps:
                         metrics = self.evaluate(step)
                         stop = self._judge(step, metrics)
@@ -763,12 +1039,34 @@ class _Context:
                     self.ui.update(step, loss, self._lr(), self.recorder)
                     if self.trainer.on_step is not None:
                         self.trainer.on_step(self.trainer, step)
+                    if self._agreed_stop and not stop:
+                        st.status = "interrupted"
+                        break
             return self._finish()
         finally:
             self._restore_signals(previous_handlers)
 
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0].get("lr", math.nan))
+
+    def _final_replica_check(self) -> None:
+        """Compare the replicas once more at the end (unless they may differ by design now)."""
+        from gradguard.guard import TrainingHalted
+
+        parallel, st = self.parallel, self.state
+        if parallel.check_every is None or parallel.last_check_step == st.step:
+            return
+        local = parallel.local_sgd
+        if local is not None and local.local and not parallel.just_averaged:
+            return  # post-local SGD between averagings: the replicas differ by design
+        try:
+            parallel.check_replicas(st.step, audit=self.audit, recorder=self.recorder,
+                                    guard=self.guard, scheduler=self.scheduler)
+        except TrainingHalted as exc:
+            st.status, st.halted = "halted", str(exc)
+            self.events.write("halted", st.step, diagnosis=str(exc))
+            self.say(f"[bold red]halted[/] at step {st.step}: {exc}")
+        self._report_guard_events()
 
     def _finish(self) -> RunResult:
         st, d = self.state, self.trainer.run_dir
@@ -777,6 +1075,8 @@ class _Context:
             self._judge(st.step, self.evaluate(st.step))
             if stopped_because != "finished":  # keep why the run stopped (converged, ...)
                 st.status = stopped_because
+        if self.parallel is not None and st.status != "halted":
+            self._final_replica_check()
         self._note_async()
         if st.status != "halted":
             self.save(st.step, blocking=True)
@@ -804,21 +1104,30 @@ class _Context:
             "info": json_safe({k: v for k, v in wl.info.items()
                                 if isinstance(v, int | float | str | bool)}),
         }
+        if self.parallel is not None:
+            p = self.parallel
+            summary["dist"] = {**p.describe(), "replica_checks": p.checks,
+                               "replica_mismatches": p.mismatches,
+                               "replicas_consistent": p.last_consistent,
+                               "last_check_step": p.last_check_step}
         self.events.write("finished", st.step, status=st.status, steps=st.step, seconds=st.seconds)
         self.recorder.close()
         if self.guard is not None:
             self.guard.close()
+        elif self.audit is not None:
+            self.audit.close()
         self.events.close()
-        (d / rundir.SUMMARY).write_text(json.dumps(json_safe(summary), indent=1,
-                                                   allow_nan=False), encoding="utf-8")
         report: Path | None = None
-        try:
-            from gradguard.report import build_report
+        if self.rank0:
+            (d / rundir.SUMMARY).write_text(json.dumps(json_safe(summary), indent=1,
+                                                       allow_nan=False), encoding="utf-8")
+            try:
+                from gradguard.report import build_report
 
-            report = build_report(d)
-        except Exception as exc:  # the run's results are saved; a report failure is reported
-            self.say(f"[red]report failed[/]: {type(exc).__name__}: {exc}")
-        self.ui.summary(summary, report)
+                report = build_report(d)
+            except Exception as exc:  # the run's results are saved; a report failure is reported
+                self.say(f"[red]report failed[/]: {type(exc).__name__}: {exc}")
+            self.ui.summary(summary, report)
         return RunResult(d, st.status, st.step, st.seconds, dict(st.last_eval),
                          {"value": st.best, "step": st.best_step}, report, summary)
 
