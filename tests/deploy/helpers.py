@@ -35,12 +35,7 @@ RUNBOOKS = ROOT / "docs" / "runbooks"
 
 REQUIRE_ENV = "GRADGUARD_REQUIRE_PROMETHEUS"
 
-PENDING: dict[str, str] = {
-    "gradguard_grad_norm_rank_spread":
-        "computed by gradguard.dist (Agreement.spread), not yet logged through recorder.log",
-    "gradguard_replica_mismatch_total":
-        "logged by gradguard.dist.runtime (DataParallel.check_replicas), in progress",
-}
+PENDING: dict[str, str] = {}
 """Names the alert rules use before the code exports them (rules only, never dashboards)."""
 
 PROMETHEUS_SERIES = frozenset({

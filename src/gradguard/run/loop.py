@@ -696,7 +696,6 @@ class _Context:
         self.audit = guard.audit if guard is not None else audit
         self._audit_seen = len(self.audit.records) if self.audit is not None else 0
         self._agreed_stop = False
-        self._spread: dict[str, float] | None = None
         from gradguard.run.console import Progress
 
         console = trainer.console
@@ -912,7 +911,9 @@ class _Context:
             step_closure = None
             if parallel is not None:
                 agreed = parallel.agree(loss, stop=self.trainer._stop_signal is not None)
-                self._agreed_stop, self._spread = agreed.stop, agreed.spread
+                self._agreed_stop = agreed.stop
+                if agreed.spread is not None:  # M8, measured on this step's gradients
+                    self.recorder.log(self._next_step(), **agreed.spread)
                 loss = agreed.loss
                 if agreed.nonfinite_ranks:
                     self._nonfinite_ranks(agreed)
@@ -950,9 +951,6 @@ class _Context:
         """Post-local SGD averaging, the gradient-norm spread, the replica check (every rank)."""
         parallel = self.parallel
         values = parallel.after_step(step)
-        if self._spread is not None:
-            values.update(self._spread)
-            self._spread = None
         if values:
             self.recorder.log(step, **values)
         if parallel.replica_check_due(step):
