@@ -37,6 +37,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+from gradguard.compare.experiment import json_safe
+
 EVALUATION_KIND = "gradguard.evaluation"
 GATE_KIND = "gradguard.gate"
 WHOLE = "all"
@@ -137,7 +139,7 @@ class Evaluation:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write this evaluation as JSON (usable later as ``--baseline``)."""
         target = Path(path)
-        target.write_text(json.dumps(_json_safe(self.to_dict()), indent=1, allow_nan=False)
+        target.write_text(json.dumps(json_safe(self.to_dict()), indent=1, allow_nan=False)
                           + "\n", encoding="utf-8")
         return target
 
@@ -163,16 +165,6 @@ def _float(value: Any) -> float:
     if isinstance(value, str):
         return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}[value]
     return float(value)
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 # ================================================================ evaluation
@@ -482,7 +474,7 @@ class GateResult:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         target = Path(path)
-        target.write_text(json.dumps(_json_safe(self.to_dict()), indent=1, allow_nan=False)
+        target.write_text(json.dumps(json_safe(self.to_dict()), indent=1, allow_nan=False)
                           + "\n", encoding="utf-8")
         return target
 
