@@ -327,3 +327,82 @@ def result_values(result: StepResult | None, prefix: str) -> dict[str, float]:
     if result.grad_norm is not None:
         values[f"{prefix}grad_norm"] = float(result.grad_norm)
     return values
+
+
+class GuardedCallback:
+    """What both framework callbacks share: the guard's and recorder's state, and their release.
+
+    The subclass sets ``guard``, ``recorder``, ``_routing`` (a :class:`GuardedStep`
+    or None), ``_pending_state``, ``_owns_guard``, ``_owns_recorder``, ``_buffer``
+    (its :class:`MetricBuffer`), ``_losses`` (a :class:`LossAccumulator`) and
+    ``_step_loss``.
+    """
+
+    guard: Guard | None
+    recorder: Recorder | None
+    _routing: GuardedStep | None
+    _pending_state: dict[str, Any] | None
+    _owns_guard: bool
+    _owns_recorder: bool
+    _buffer: MetricBuffer
+    _losses: LossAccumulator
+    _step_loss: Any
+
+    @property
+    def last_result(self) -> StepResult | None:
+        """What the guard did at the latest optimizer step (None before the first)."""
+        return self._routing.last_result if self._routing is not None else None
+
+    def _state_values(self) -> dict[str, Any]:
+        """The guard's history and the recorder's step count (or what waits to be applied)."""
+        state: dict[str, Any] = {"version": STATE_VERSION}
+        pending = self._pending_state or {}
+        if self.guard is not None:
+            state["guard"] = self.guard.state_dict()
+        elif pending.get("guard") is not None:
+            state["guard"] = pending["guard"]
+        if self.recorder is not None:
+            state["recorder"] = {"step": int(self.recorder.step)}
+        elif pending.get("recorder") is not None:
+            state["recorder"] = pending["recorder"]
+        return state
+
+    def _load_state_values(self, state: Mapping[str, Any], who: str) -> None:
+        """Keep ``state`` to apply now, or once the guard and recorder exist."""
+        version = int(state.get("version", STATE_VERSION))
+        if version > STATE_VERSION:
+            raise ValueError(f"{who} state version {version} is newer than this gradguard reads "
+                             f"({STATE_VERSION}); upgrade gradguard")
+        self._pending_state = dict(state)
+        self._apply_pending_state()
+
+    def _apply_pending_state(self) -> None:
+        state = self._pending_state
+        if state is None:
+            return
+        if state.get("guard") is not None and self.guard is not None:
+            self.guard.load_state_dict(state["guard"])
+            state["guard"] = None
+        if state.get("recorder") is not None and self.recorder is not None:
+            self.recorder.step = int(state["recorder"]["step"])
+            state["recorder"] = None
+        if state.get("guard") is None and state.get("recorder") is None:
+            self._pending_state = None
+
+    def _release(self) -> None:
+        """Give the optimizer its own step back; flush (or close what we built) guard, recorder."""
+        if self._routing is not None:
+            self._routing.remove()  # kept: last_result stays readable after training
+        if self.guard is not None:
+            self.guard.flush()
+            if self._owns_guard:
+                self.guard.close()
+        if self.recorder is not None:
+            if self._buffer in self.recorder.sinks:
+                self.recorder.sinks.remove(self._buffer)
+            if self._owns_recorder:
+                self.recorder.close()
+            else:
+                self.recorder.flush()
+        self._losses.reset()
+        self._step_loss = None

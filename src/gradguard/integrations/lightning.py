@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradguard.guard import Guard, StepResult
+from gradguard.guard import Guard
 from gradguard.watch import Recorder
 
 from ._common import (
-    STATE_VERSION,
+    GuardedCallback,
     GuardedStep,
     LossAccumulator,
     LossValue,
@@ -65,7 +65,7 @@ GuardFactory = Callable[[torch.optim.Optimizer, "pl.LightningModule"], Guard]
 """Builds the guard once Lightning created the optimizer: ``(optimizer, module) -> Guard``."""
 
 
-class GradguardCallback(Callback):
+class GradguardCallback(GuardedCallback, Callback):
     """The flight recorder and the guard for a Lightning ``Trainer``.
 
     Args:
@@ -118,33 +118,13 @@ class GradguardCallback(Callback):
         self._attached = False
 
     # ============================================================ public API
-    @property
-    def last_result(self) -> StepResult | None:
-        """What the guard did at the latest optimizer step (None before the first)."""
-        return self._routing.last_result if self._routing is not None else None
-
     def state_dict(self) -> dict[str, Any]:
         """The guard's history and counters and the recorder's step count (plain values)."""
-        state: dict[str, Any] = {"version": STATE_VERSION}
-        pending = self._pending_state or {}
-        if self.guard is not None:
-            state["guard"] = self.guard.state_dict()
-        elif pending.get("guard") is not None:
-            state["guard"] = pending["guard"]
-        if self.recorder is not None:
-            state["recorder"] = {"step": int(self.recorder.step)}
-        elif pending.get("recorder") is not None:
-            state["recorder"] = pending["recorder"]
-        return state
+        return self._state_values()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s values (now, or when the guard and recorder exist)."""
-        version = state_dict.get("version", STATE_VERSION)
-        if version > STATE_VERSION:
-            raise ValueError(f"GradguardCallback state version {version} is newer than this "
-                             f"gradguard reads ({STATE_VERSION}); upgrade gradguard")
-        self._pending_state = dict(state_dict)
-        self._apply_pending_state()
+        self._load_state_values(state_dict, "GradguardCallback")
 
     # ================================================================ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -316,36 +296,9 @@ class GradguardCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
-    def _apply_pending_state(self) -> None:
-        state = self._pending_state
-        if state is None:
-            return
-        if state.get("guard") is not None and self.guard is not None:
-            self.guard.load_state_dict(state["guard"])
-            state["guard"] = None
-        if state.get("recorder") is not None and self.recorder is not None:
-            self.recorder.step = int(state["recorder"]["step"])
-            state["recorder"] = None
-        if state.get("guard") is None and state.get("recorder") is None:
-            self._pending_state = None
-
     def _detach(self) -> None:
         if not self._attached:
             return
         self._attached = False
-        if self._routing is not None:
-            self._routing.remove()  # kept: last_result stays readable after training
-        if self.guard is not None:
-            self.guard.flush()
-            if self._owns_guard:
-                self.guard.close()
-        if self.recorder is not None:
-            if self._buffer in self.recorder.sinks:
-                self.recorder.sinks.remove(self._buffer)
-            if self._owns_recorder:
-                self.recorder.close()
-            else:
-                self.recorder.flush()
-        self._losses.reset()
-        self._step_loss = None
+        self._release()
         self._trainer = None

@@ -35,11 +35,11 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from gradguard.guard import Guard, StepResult
+from gradguard.guard import Guard
 from gradguard.watch import Recorder
 
 from ._common import (
-    STATE_VERSION,
+    GuardedCallback,
     GuardedStep,
     LossAccumulator,
     LossValue,
@@ -80,7 +80,7 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-class GradguardTrainerCallback(TrainerCallback):
+class GradguardTrainerCallback(GuardedCallback, TrainerCallback):
     """The flight recorder and the guard for a Hugging Face ``Trainer``.
 
     Args:
@@ -131,35 +131,14 @@ class GradguardTrainerCallback(TrainerCallback):
         """The checkpoint folder whose gradguard state the last ``train()`` resumed from."""
 
     # ============================================================ public API
-    @property
-    def last_result(self) -> StepResult | None:
-        """What the guard did at the latest optimizer step (None before the first)."""
-        return self._routing.last_result if self._routing is not None else None
-
     def state_dict(self) -> dict[str, Any]:
         """The guard's history and counters and the recorder's step count (plain values)."""
-        state: dict[str, Any] = {"format": "gradguard.integrations.transformers",
-                                 "version": STATE_VERSION}
-        pending = self._pending_state or {}
-        if self.guard is not None:
-            state["guard"] = self.guard.state_dict()
-        elif pending.get("guard") is not None:
-            state["guard"] = pending["guard"]
-        if self.recorder is not None:
-            state["recorder"] = {"step": int(self.recorder.step)}
-        elif pending.get("recorder") is not None:
-            state["recorder"] = pending["recorder"]
-        return state
+        return {"format": "gradguard.integrations.transformers", **self._state_values()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s values (now, or when the guard and recorder exist)."""
-        version = int(state.get("version", STATE_VERSION))
-        if version > STATE_VERSION:
-            raise ValueError(f"gradguard state version {version} is newer than this gradguard "
-                             f"reads ({STATE_VERSION}); upgrade gradguard")
-        self._pending_state = dict(state)
+        self._load_state_values(state, "gradguard")
         self._explicit_state = True
-        self._apply_pending_state()
 
     def save_state(self, checkpoint_dir: str | os.PathLike[str]) -> Path:
         """Write :meth:`state_dict` to ``checkpoint_dir/gradguard_state.json`` (atomically)."""
@@ -351,19 +330,6 @@ class GradguardTrainerCallback(TrainerCallback):
         wrapped._optimizer_original_step_method = routed
         wrapped._optimizer_patched_step_method = patch_optimizer_step(wrapped, routed)
 
-    def _apply_pending_state(self) -> None:
-        state = self._pending_state
-        if state is None:
-            return
-        if state.get("guard") is not None and self.guard is not None:
-            self.guard.load_state_dict(state["guard"])
-            state["guard"] = None
-        if state.get("recorder") is not None and self.recorder is not None:
-            self.recorder.step = int(state["recorder"]["step"])
-            state["recorder"] = None
-        if state.get("guard") is None and state.get("recorder") is None:
-            self._pending_state = None
-
     def _detach(self) -> None:
         if not self._attached:
             return
@@ -376,18 +342,4 @@ class GradguardTrainerCallback(TrainerCallback):
             wrapped._optimizer_original_step_method = original
             wrapped._optimizer_patched_step_method = patched
             self._accelerated = None
-        if self._routing is not None:
-            self._routing.remove()  # kept: last_result stays readable after training
-        if self.guard is not None:
-            self.guard.flush()
-            if self._owns_guard:
-                self.guard.close()
-        if self.recorder is not None:
-            if self._buffer in self.recorder.sinks:
-                self.recorder.sinks.remove(self._buffer)
-            if self._owns_recorder:
-                self.recorder.close()
-            else:
-                self.recorder.flush()
-        self._losses.reset()
-        self._step_loss = None
+        self._release()
