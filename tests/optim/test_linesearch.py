@@ -1,7 +1,9 @@
-"""Line searches and GradientDescent: conditions met, linear rate on quadratics, Rosenbrock."""
+"""Line searches and GradientDescent: conditions met, linear rate on quadratics, Rosenbrock,
+and the global Barzilai-Borwein mode."""
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 from typing import Any
@@ -13,8 +15,14 @@ import torch
 from torch import Tensor
 
 from gradguard.optim.linesearch import (
+    ARMIJO_C1,
+    BB_MEMORY,
+    BB_STEP_MAX,
+    BB_STEP_MIN,
+    BB_VARIANTS,
     GradientDescent,
     armijo_backtracking,
+    barzilai_borwein_step,
     cubic_minimizer,
     strong_wolfe,
 )
@@ -107,6 +115,18 @@ def test_armijo_backtracking_returns_sufficient_decrease(step: float) -> None:
     assert result.value <= f(0.0) + 1e-4 * result.step * df(0.0)
 
 
+def test_armijo_backtracking_with_a_reference_accepts_a_rise_below_it() -> None:
+    """The nonmonotone (GLL) test: phi(t) <= f_ref + c1 t phi'(0), f_ref >= phi(0)."""
+    f, df = (lambda t: (t - 1.0) ** 2), (lambda t: 2.0 * (t - 1.0))  # phi(0) = 1, phi'(0) = -2
+    monotone = armijo_backtracking(phi_of(f, df), f(0.0), df(0.0), 2.5)
+    assert monotone.success and monotone.step < 2.0  # phi(2.5) = 2.25 > phi(0): backtracks
+    result = armijo_backtracking(phi_of(f, df), f(0.0), df(0.0), 2.5, reference=3.0)
+    assert result.success and (result.step, result.evaluations) == (2.5, 1)
+    assert result.value > f(0.0) and result.value <= 3.0 + 1e-4 * 2.5 * df(0.0)
+    with pytest.raises(ValueError, match="reference >= phi"):
+        armijo_backtracking(phi_of(f, df), f(0.0), df(0.0), 1.0, reference=0.5)
+
+
 def test_line_searches_refuse_an_ascent_direction() -> None:
     phi = phi_of(lambda t: t, lambda t: 1.0)
     with pytest.raises(ValueError, match="descent direction"):
@@ -154,6 +174,12 @@ def test_step_needs_a_closure() -> None:
     ({"c1": 0.5, "c2": 0.4}, r"invalid c2=0.4"),
     ({"gtol": -1.0}, r"invalid gtol=-1.0"),
     ({"max_iterations": 0}, r"invalid max_iterations=0: allowed is None or an integer >= 1"),
+    ({"line_search": "barzilai-borwein"},
+     r"invalid line_search='barzilai-borwein': allowed are .*'barzilai_borwein'"),
+    ({"bb_variant": "bb3"}, r"invalid bb_variant='bb3': allowed are 'bb1', 'bb2'"),
+    ({"bb_memory": 0}, r"invalid bb_memory=0: allowed is an integer >= 1"),
+    ({"bb_memory": 2.5}, r"invalid bb_memory=2.5: allowed is an integer >= 1"),
+    ({"bb_memory": None}, r"invalid bb_memory=None: allowed is an integer >= 1"),
 ])
 def test_invalid_hyperparameters_are_named(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -292,13 +318,153 @@ def test_gradient_descent_solves_rosenbrock(
         assert error < 1e-6, mode
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "steepest descent needs ~10^4 iterations on Rosenbrock (Hessian condition ~2500 at "
-    "the minimum); no scipy method is steepest descent, and the nearest, scipy CG, needs "
-    "~80 evaluations: GD is ~100x, not within 2x. Kept as a strict xfail so the gap stays "
-    "visible and a change that closes it is noticed."))
-def test_gradient_descent_within_2x_of_scipy_cg_on_rosenbrock(
-        gd_rosenbrock: dict[str, tuple[int, int, float]]) -> None:
+# ------------------------------------------------------- Barzilai-Borwein
+def bb_rosenbrock(variant: str) -> tuple[GradientDescent, Tensor]:
+    """The global BB method with the papers' constants; gtol as the scipy CG comparison."""
+    opt, x = minimize_rosenbrock(lambda p: GradientDescent(
+        p, line_search="barzilai_borwein", bb_variant=variant, gtol=1e-9))
+    return opt, x
+
+
+@pytest.mark.parametrize("variant", BB_VARIANTS)
+def test_barzilai_borwein_within_2x_of_scipy_cg_on_rosenbrock(
+        variant: str, record_property: Callable[[str, object], None]) -> None:
+    """The issue's acceptance point for gradient descent: a gradient method (the
+    direction is always -g), with the global Barzilai-Borwein step and the GLL
+    nonmonotone search (M = 10, c1 = 1e-4), within 2x of scipy CG's evaluations.
+
+    Steepest descent with an Armijo or Wolfe search stays ~100x off (about 10^4
+    iterations; recorded by ``test_gradient_descent_solves_rosenbrock``). Measured
+    here: bb1 74 iterations / 106 evaluations, bb2 82 / 89; scipy CG 37 / 80
+    (scipy BFGS 34 / 41, which BB does not reach within 2x).
+    """
     reference = scipy_rosenbrock("CG", gtol=1e-9)
-    _, evals, _ = gd_rosenbrock["wolfe"]
-    assert evals <= 2 * reference.nfev
+    opt, x = bb_rosenbrock(variant)
+    d = opt.diagnostics
+    assert d is not None
+    record_property("counts", {"iterations": d.iteration, "func_evals": d.func_evals,
+                               "scipy_nit": reference.nit, "scipy_nfev": reference.nfev})
+    assert float((x - 1.0).norm()) < 1e-6
+    assert d.converged and d.criterion == "gradient_tolerance"
+    assert d.func_evals <= 2 * reference.nfev
+
+
+def test_barzilai_borwein_is_nonmonotone_within_its_window() -> None:
+    """On Rosenbrock f rises on some steps, yet every accepted step meets GLL's test
+    f(x_{k+1}) <= max(f_k, ..., f_{k-M+1}) - c1 t_k ||g_k||^2, and a rise is not
+    mistaken for "no decrease" (the run goes on to the gradient tolerance)."""
+    x = torch.tensor(ROSENBROCK_START, dtype=torch.float64, requires_grad=True)
+    opt = GradientDescent([x], line_search="barzilai_borwein", gtol=1e-9)
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = rosenbrock(x)
+        loss.backward()
+        return loss
+
+    losses = [float(closure().detach())]
+    grad_norm = float(x.grad.norm())
+    rises = 0
+    for _ in range(1000):
+        opt.step(closure)
+        d = opt.diagnostics
+        assert d is not None
+        window = losses[-BB_MEMORY:]
+        assert d.loss <= max(window) - ARMIJO_C1 * d.step_size * grad_norm ** 2
+        rises += d.loss > losses[-1]
+        losses.append(d.loss)
+        grad_norm = d.grad_norm
+        if d.done:
+            break
+    assert rises > 0
+    assert opt.diagnostics is not None and opt.diagnostics.criterion == "gradient_tolerance"
+
+
+@pytest.mark.parametrize("variant", BB_VARIANTS)
+def test_first_barzilai_borwein_step_is_the_closed_form(variant: str) -> None:
+    """Iteration 0 tries 1/||g_0||; iteration 1 tries s's/s'y (bb1) or s'y/y'y (bb2)
+    with s = x_1 - x_0, y = g_1 - g_0 = A s, both computed here by hand."""
+    a, x0 = quadratic(10.0)
+    x = x0.clone().requires_grad_()
+    opt = GradientDescent([x], line_search="barzilai_borwein", bb_variant=variant, gtol=0.0)
+    closure = quadratic_closure(opt, x, a)
+    g0 = a @ x0
+    opt.step(closure)
+    d = opt.diagnostics
+    assert d is not None and d.line_search_evals == 1  # accepted at the first trial
+    assert d.step_size == pytest.approx(1.0 / float(g0.norm()), rel=1e-14)
+    x1 = x.detach().clone()
+    s, y = x1 - x0, a @ x1 - g0
+    expected = float(s @ s) / float(s @ y) if variant == "bb1" else float(s @ y) / float(y @ y)
+    opt.step(closure)
+    d = opt.diagnostics
+    assert d is not None and d.line_search_evals == 1
+    assert d.step_size == pytest.approx(expected, rel=1e-12)
+    assert torch.allclose(x.detach(), x1 - expected * (a @ x1), rtol=1e-12, atol=1e-14)
+
+
+def test_barzilai_borwein_step_safeguards() -> None:
+    """s'y <= 0 (negative curvature along s) falls back to 1/||g||; the step is clipped."""
+    s = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    assert barzilai_borwein_step(s, torch.tensor([-1.0, 0.0], dtype=torch.float64),
+                                 "bb1", 4.0) == 0.25
+    assert barzilai_borwein_step(s, torch.zeros(2, dtype=torch.float64), "bb2", 4.0) == 0.25
+    assert barzilai_borwein_step(s, torch.tensor([1e-40, 0.0], dtype=torch.float64),
+                                 "bb1", 4.0) == BB_STEP_MAX
+    assert barzilai_borwein_step(s, torch.tensor([1e40, 0.0], dtype=torch.float64),
+                                 "bb1", 4.0) == BB_STEP_MIN
+    assert barzilai_borwein_step(s, torch.tensor([2.0, 1.0], dtype=torch.float64),
+                                 "bb2", 4.0) == pytest.approx(2.0 / 5.0)
+
+
+@pytest.mark.parametrize("variant", BB_VARIANTS)
+def test_barzilai_borwein_converges_on_quadratics(
+        variant: str, record_property: Callable[[str, object], None]) -> None:
+    """Convex quadratics, kappa 10..1e4: ||g|| <= 1e-8 ||g_0|| well within 3000 iterations.
+
+    (BB converges R-linearly on strictly convex quadratics, Raydan 1993, Dai & Liao
+    2002; steepest descent with exact steps would need ~kappa/4 ln(1e16), about
+    90 000 iterations, for kappa = 1e4.) Measured, iterations / evaluations:
+    bb1 30/31, 100/109, 467/610, 695/913; bb2 31/32, 84/86, 291/298, 340/346.
+    """
+    counts = {}
+    for kappa in KAPPAS:
+        a, x0 = quadratic(kappa)
+        x = x0.clone().requires_grad_()
+        gtol = 1e-8 * float((a @ x0).norm())
+        opt = GradientDescent([x], line_search="barzilai_borwein", bb_variant=variant,
+                              gtol=gtol, max_iterations=3000)
+        closure = quadratic_closure(opt, x, a)
+        while opt.diagnostics is None or not opt.diagnostics.done:
+            opt.step(closure)
+        d = opt.diagnostics
+        counts[kappa] = (d.iteration, d.func_evals)
+        assert d.criterion == "gradient_tolerance", (kappa, d.iteration)
+        assert float((a @ x.detach()).norm()) <= gtol * (1.0 + 1e-6)
+    record_property("counts", counts)
+
+
+def test_barzilai_borwein_state_dict_round_trip_resumes_identically() -> None:
+    """Saved mid-run (window full, BB step set), through torch.save/load: the resumed
+    run equals the uninterrupted one bit for bit."""
+    a, x0 = quadratic(1e3)
+    x = x0.clone().requires_grad_()
+    opt = GradientDescent([x], line_search="barzilai_borwein", bb_memory=5, gtol=0.0)
+    closure = quadratic_closure(opt, x, a)
+    for _ in range(12):
+        opt.step(closure)
+    saved = opt.state_dict()
+    state = saved["state"][0]
+    assert len(state["bb_window"]) == 4 and state["bb_step"] > 0.0
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    y = x.detach().clone().requires_grad_()
+    resumed = GradientDescent([y], line_search="barzilai_borwein", bb_memory=5, gtol=0.0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed_closure = quadratic_closure(resumed, y, a)
+    for _ in range(20):
+        opt.step(closure)
+        resumed.step(resumed_closure)
+        assert torch.equal(x.detach(), y.detach())
+        assert opt.diagnostics == resumed.diagnostics

@@ -12,6 +12,10 @@ Two line searches as small pure functions of a one-dimensional restriction
   points (N&W eq. 3.59), or from the secant on the slopes when rounding has
   spoilt the function values; both are exact when :math:`\\phi` is quadratic.
 
+:func:`armijo_backtracking` also takes a ``reference`` value above
+:math:`\\phi(0)`: the nonmonotone test of Grippo, Lampariello & Lucidi that
+:class:`GradientDescent`'s Barzilai-Borwein mode uses.
+
 :class:`FullBatchOptimizer` is the shared base of the closure-based optimizers
 (:class:`GradientDescent` here, :class:`~gradguard.optim.cg.NonlinearCG`,
 :class:`~gradguard.optim.newton.Newton`): one parameter group treated as one flat
@@ -50,6 +54,19 @@ ZOOM_SAFEGUARD = 0.01
 _EPS = 2.0 ** -52
 MAX_LINE_SEARCH_EVALS = 30
 """Evaluations one line search may make before it returns its best point."""
+BB_MEMORY = 10
+"""Nonmonotone window :math:`M` of the Barzilai-Borwein mode: the trial is compared
+with the largest of the last ``M`` function values, :math:`f(x_k)` included
+(``M = 1`` is the monotone Armijo test). 10 is the papers' value; this counts
+the window as SPG does (Birgin, Martinez & Raydan 2000), where Raydan 1997
+takes :math:`\\max_{0 \\le j \\le M}`, one value more."""
+BB_STEP_MIN = 1e-30
+"""Smallest Barzilai-Borwein step :math:`\\alpha_{\\min}` (SPG's ``lambda_min``)."""
+BB_STEP_MAX = 1e30
+"""Largest Barzilai-Borwein step :math:`\\alpha_{\\max}` (SPG's ``lambda_max``)."""
+BB_VARIANTS: tuple[str, ...] = ("bb1", "bb2")
+"""``"bb1"``: :math:`s^\\top s / s^\\top y` (the "long" step, Barzilai & Borwein eq. 5,
+Raydan's); ``"bb2"``: :math:`s^\\top y / y^\\top y` (the "short" step)."""
 
 
 @dataclass(frozen=True)
@@ -107,20 +124,30 @@ def secant_minimizer(t1: float, d1: float, t2: float, d2: float) -> float | None
 
 
 def armijo_backtracking(phi: Phi, value0: float, slope0: float, step: float, *,
-                        c1: float = ARMIJO_C1,
-                        max_evals: int = MAX_LINE_SEARCH_EVALS) -> LineSearchResult:
+                        c1: float = ARMIJO_C1, max_evals: int = MAX_LINE_SEARCH_EVALS,
+                        reference: float | None = None) -> LineSearchResult:
     """Backtrack from ``step`` until :math:`\\phi(t) \\le \\phi(0) + c_1 t \\phi'(0)`.
 
     ``slope0`` must be negative (``d`` a descent direction). Each retry takes the
     minimiser of the quadratic through :math:`\\phi(0), \\phi'(0), \\phi(t)`,
     kept within :data:`BACKTRACK_SHRINK` of ``t``.
+
+    With ``reference`` (:math:`f_{\\rm ref} \\ge \\phi(0)`) the test is the nonmonotone
+    one of Grippo, Lampariello & Lucidi (1986),
+    :math:`\\phi(t) \\le f_{\\rm ref} + c_1 t \\phi'(0)`, with :math:`f_{\\rm ref}` the
+    largest of the last few function values; the interpolation still uses
+    :math:`\\phi(0)` (Raydan 1997, step 5).
     """
     if not slope0 < 0.0:
         raise ValueError(f"armijo_backtracking needs a descent direction, got slope {slope0}")
+    if reference is not None and not reference >= value0:
+        raise ValueError(f"armijo_backtracking needs reference >= phi(0), got reference "
+                         f"{reference}, phi(0) {value0}")
+    accept = value0 if reference is None else reference
     t = step
     for evals in range(1, max_evals + 1):
         value, slope = phi(t)
-        if math.isfinite(value) and value <= value0 + c1 * t * slope0:
+        if math.isfinite(value) and value <= accept + c1 * t * slope0:
             return LineSearchResult(t, value, slope, evals, True)
         curvature = value - value0 - slope0 * t
         low, high = BACKTRACK_SHRINK
@@ -244,20 +271,23 @@ class StepDiagnostics:
 
 
 @dataclass(frozen=True)
-class _OptionalCount(Rule):
-    """None, or an integer ``>= 1``."""
+class _Count(Rule):
+    """An integer ``>= 1``; with ``optional``, None too."""
+
+    optional: bool = False
 
     def check(self, name: str, value: Any) -> None:
-        if value is None:
+        if value is None and self.optional:
             return
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"invalid {name}={value!r}: allowed is None or an integer >= 1")
+            raise ValueError(f"invalid {name}={value!r}: allowed is {self.describe()}")
 
     def describe(self) -> str:
-        return "None or an integer >= 1"
+        return "None or an integer >= 1" if self.optional else "an integer >= 1"
 
 
-OPTIONAL_COUNT = _OptionalCount()
+COUNT = _Count()
+OPTIONAL_COUNT = _Count(optional=True)
 
 
 @dataclass(frozen=True)
@@ -429,8 +459,13 @@ class FullBatchOptimizer(Optimizer):
 
     def _finish(self, state: dict[str, Any], x_old: Tensor, value_old: float, x: Tensor,
                 value: float, grad: Tensor, step_size: float, evals: int, success: bool,
-                moved: bool = True) -> StepDiagnostics:
-        """Store the accepted point, run the stopping tests, record diagnostics."""
+                moved: bool = True, reference: float | None = None) -> StepDiagnostics:
+        """Store the accepted point, run the stopping tests, record diagnostics.
+
+        ``reference`` (default ``value_old``) is the value the function-tolerance
+        test measures the decrease from: a nonmonotone method passes the largest
+        value of its window, the one its acceptance test compares with.
+        """
         group = self.param_groups[0]
         self._set_flat_params(x)
         self._set_flat_grad(grad)
@@ -441,10 +476,11 @@ class FullBatchOptimizer(Optimizer):
             state["n_iter"] += 1
         grad_norm = float(grad.norm())
         decrease = value_old - value
+        ref = value_old if reference is None else reference
         criterion: str | None = None
         if grad_norm <= group["gtol"]:
             criterion = "gradient_tolerance"
-        elif moved and decrease <= group["ftol"] * max(abs(value_old), abs(value), 1.0):
+        elif moved and ref - value <= group["ftol"] * max(abs(ref), abs(value), 1.0):
             criterion = "function_tolerance"
         elif group["max_iterations"] is not None and state["n_iter"] >= group["max_iterations"]:
             criterion = "max_iterations"
@@ -513,41 +549,104 @@ def initial_step(value: float, previous_value: float | None, slope: float,
     return 1.01 * 2.0 * decrease / -slope
 
 
+def barzilai_borwein_step(s: Tensor, y: Tensor, variant: str, grad_norm: float) -> float:
+    """The next Barzilai-Borwein step from :math:`s = x_{k+1} - x_k`, :math:`y = g_{k+1} - g_k`.
+
+    ``"bb1"``: :math:`s^\\top s / s^\\top y`; ``"bb2"``: :math:`s^\\top y / y^\\top y`;
+    either clipped into [:data:`BB_STEP_MIN`, :data:`BB_STEP_MAX`] (Birgin, Martinez
+    & Raydan 2000). Where :math:`s^\\top y \\le 0` (no positive curvature seen along
+    ``s``; never on a strictly convex function) or a quotient is not finite, the
+    step falls back to :math:`1 / \\|g_{k+1}\\|`, a step of unit length, clipped the
+    same way: the first iteration's step. (SPG takes :data:`BB_STEP_MAX` there and
+    Raydan a fixed :math:`\\delta`; either leaves the backtracking to find the scale,
+    which a budget of :data:`MAX_LINE_SEARCH_EVALS` evaluations may not allow.)
+    """
+    sy = float(s.dot(y))
+    quotient = math.nan
+    if sy > 0.0:
+        quotient = float(s.dot(s)) / sy if variant == "bb1" else sy / float(y.dot(y))
+    if not (math.isfinite(quotient) and quotient > 0.0):
+        quotient = 1.0 / grad_norm if grad_norm > 0.0 else 1.0
+    return min(max(quotient, BB_STEP_MIN), BB_STEP_MAX)
+
+
 class GradientDescent(FullBatchOptimizer):
-    r"""Full-batch gradient descent with Armijo, strong-Wolfe or a fixed step.
+    r"""Full-batch gradient descent with Armijo, strong-Wolfe, Barzilai-Borwein or a fixed step.
 
     .. math::
         x_{k+1} = x_k - t_k \nabla f(x_k)
 
     with :math:`t_k` from :func:`armijo_backtracking` (``line_search="armijo"``),
-    :func:`strong_wolfe` (``"wolfe"``) or :math:`t_k = ` ``lr`` (``"fixed"``). The
-    line searches start from :func:`initial_step`. With an exact line search on a
+    :func:`strong_wolfe` (``"wolfe"``), :math:`t_k = ` ``lr`` (``"fixed"``), or the
+    global Barzilai-Borwein method (``"barzilai_borwein"``, below). The Armijo and
+    Wolfe searches start from :func:`initial_step`. With an exact line search on a
     quadratic with condition number :math:`\kappa`, :math:`f(x_{k+1}) - f^* \le
     ((\kappa-1)/(\kappa+1))^2 (f(x_k) - f^*)` (N&W Theorem 3.3).
+
+    ``"barzilai_borwein"`` is Raydan's global Barzilai-Borwein (spectral gradient)
+    method, the unconstrained case of SPG (Birgin, Martinez & Raydan). The
+    direction is :math:`-g_k`; the trial step is :math:`\alpha_k = s^\top s / s^\top y`
+    (``bb_variant="bb1"``) or :math:`s^\top y / y^\top y` (``"bb2"``) with
+    :math:`s = x_k - x_{k-1}`, :math:`y = g_k - g_{k-1}`, clipped into
+    [:data:`BB_STEP_MIN`, :data:`BB_STEP_MAX`] (see :func:`barzilai_borwein_step`;
+    :math:`1/\|g_0\|` on the first iteration and where :math:`s^\top y \le 0`). It is
+    accepted if :math:`f(x_k - t g_k) \le \max_{0 \le j < M} f(x_{k-j}) - c_1 t
+    \|g_k\|^2`, the nonmonotone test of Grippo, Lampariello & Lucidi with the
+    window :math:`M` = ``bb_memory`` (:data:`BB_MEMORY`); otherwise :math:`t` is
+    backtracked by safeguarded quadratic interpolation into
+    :data:`BACKTRACK_SHRINK` ``= (0.1, 0.5)`` of itself, Raydan's
+    :math:`[\sigma_1, \sigma_2]`. :math:`f` may rise for a few iterations; the
+    function-tolerance test then measures the decrease from the window's maximum.
+    On a strictly convex quadratic the unsafeguarded BB method converges
+    R-linearly (Raydan 1993; Dai & Liao 2002).
 
     Args:
         params: parameters (one group; all one dtype and device).
         lr: the step of ``line_search="fixed"`` (default 1e-3), ``> 0``.
-        line_search: ``"armijo"``, ``"wolfe"`` (default) or ``"fixed"``.
-        c1: sufficient-decrease constant (default :data:`ARMIJO_C1`), in (0, 1).
+        line_search: ``"armijo"``, ``"wolfe"`` (default), ``"barzilai_borwein"`` or
+            ``"fixed"``.
+        c1: sufficient-decrease constant (default :data:`ARMIJO_C1`), in (0, 1); the
+            :math:`\gamma` of the Barzilai-Borwein mode.
         c2: curvature constant (default :data:`WOLFE_C2_GD`), in (c1, 1).
+        bb_variant: ``"bb1"`` (default) or ``"bb2"`` (:data:`BB_VARIANTS`); read by
+            ``"barzilai_borwein"`` only.
+        bb_memory: the nonmonotone window :math:`M` (default :data:`BB_MEMORY`), an
+            integer ``>= 1``; ``1`` makes the search monotone. Read by
+            ``"barzilai_borwein"`` only.
         gtol, ftol, max_iterations, reuse_evaluation: see :class:`FullBatchOptimizer`.
 
-    Reference: Nocedal & Wright, *Numerical Optimization*, 2nd ed., chapter 3.
+    State (``state[first parameter]``), besides the accepted point's ``x``,
+    ``loss``, ``flat_grad`` and the counters: ``prev_loss``; with
+    ``"barzilai_borwein"`` also ``bb_step`` (the next trial step, a float) and
+    ``bb_window`` (the previous :math:`M - 1` function values, a list of floats),
+    so a run resumed from ``state_dict()`` continues bit for bit.
+
+    References: Nocedal & Wright, *Numerical Optimization*, 2nd ed., chapter 3;
+    J. Barzilai & J. M. Borwein, "Two-point step size gradient methods", IMA J.
+    Numer. Anal. 8 (1988); M. Raydan, "The Barzilai and Borwein gradient method for
+    the large scale unconstrained minimization problem", SIAM J. Optim. 7(1) (1997);
+    E. G. Birgin, J. M. Martinez & M. Raydan, "Nonmonotone spectral projected
+    gradient methods on convex sets", SIAM J. Optim. 10(4) (2000); L. Grippo,
+    F. Lampariello & S. Lucidi, "A nonmonotone line search technique for Newton's
+    method", SIAM J. Numer. Anal. 23(4) (1986).
     """
 
     hyperparameter_rules: ClassVar[dict[str, Rule]] = {
         "lr": POSITIVE,
-        "line_search": Choice(("armijo", "wolfe", "fixed")),
+        "line_search": Choice(("armijo", "wolfe", "barzilai_borwein", "fixed")),
         "c1": UNIT_OPEN,
         "c2": UNIT_OPEN,
+        "bb_variant": Choice(BB_VARIANTS),
+        "bb_memory": COUNT,
     }
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, *, line_search: str = "wolfe",
-                 c1: float = ARMIJO_C1, c2: float = WOLFE_C2_GD, gtol: float = 1e-5,
-                 ftol: float = 0.0, max_iterations: int | None = None,
-                 reuse_evaluation: bool = True, impl: str = "auto") -> None:
-        defaults = {"lr": lr, "line_search": line_search, "c1": c1, "c2": c2}
+                 c1: float = ARMIJO_C1, c2: float = WOLFE_C2_GD, bb_variant: str = "bb1",
+                 bb_memory: int = BB_MEMORY, gtol: float = 1e-5, ftol: float = 0.0,
+                 max_iterations: int | None = None, reuse_evaluation: bool = True,
+                 impl: str = "auto") -> None:
+        defaults = {"lr": lr, "line_search": line_search, "c1": c1, "c2": c2,
+                    "bb_variant": bb_variant, "bb_memory": bb_memory}
         super().__init__(params, defaults, gtol=gtol, ftol=ftol, max_iterations=max_iterations,
                          reuse_evaluation=reuse_evaluation, impl=impl)
         check_wolfe_constants(type(self).__name__, c1, c2)
@@ -562,6 +661,9 @@ class GradientDescent(FullBatchOptimizer):
         if self._converged_at_start(state, x, value, grad):
             return torch.tensor(value)
         group = self.param_groups[0]
+        if group["line_search"] == "barzilai_borwein":
+            self._barzilai_borwein_step(closure, state, x, value, grad)
+            return torch.tensor(value)
         direction = -grad
         evals_before = state["func_evals"]
         if group["line_search"] == "fixed":
@@ -582,3 +684,38 @@ class GradientDescent(FullBatchOptimizer):
         self._finish(state, x, value, new_x, new_value, new_grad, t,
                      state["func_evals"] - evals_before, success)
         return torch.tensor(value)
+
+    def _barzilai_borwein_step(self, closure: Callable[[], Any], state: dict[str, Any],
+                               x: Tensor, value: float, grad: Tensor) -> None:
+        """One iteration of the global Barzilai-Borwein method (Raydan 1997, steps 2-6)."""
+        group = self.param_groups[0]
+        memory = group["bb_memory"]
+        grad_norm = float(grad.norm())
+        previous: list[float] = state.get("bb_window", [])
+        window = [*previous, value][-memory:]
+        reference = max(window)
+        t0 = state.get("bb_step")
+        if t0 is None:
+            t0 = min(max(1.0 / grad_norm, BB_STEP_MIN), BB_STEP_MAX)
+        direction = -grad
+        evals_before = state["func_evals"]
+        seen: dict[float, tuple[float, Tensor]] = {}
+        result = armijo_backtracking(self._phi(closure, x, direction, seen), value,
+                                     float(grad.dot(direction)), t0, c1=group["c1"],
+                                     reference=reference)
+        if result.success and result.step in seen:
+            t = result.step
+            new_x = x + t * direction
+            new_value, new_grad = seen[t]
+            next_step = barzilai_borwein_step(new_x - x, new_grad - grad, group["bb_variant"],
+                                              float(new_grad.norm()))
+        else:  # nothing acceptable within the evaluation budget: stay (the ftol test stops)
+            t, new_x, new_value, new_grad = 0.0, x, value, grad
+            next_step = t0
+            reference = value
+        # a new list each step, never one changed in place (as the tensors in the state)
+        state["bb_window"] = window[1:] if len(window) == memory else window
+        state["bb_step"] = next_step
+        state["prev_loss"] = value
+        self._finish(state, x, value, new_x, new_value, new_grad, t,
+                     state["func_evals"] - evals_before, result.success, reference=reference)
