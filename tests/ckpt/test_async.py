@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from gradguard.ckpt import Checkpointer, CheckpointWriteError, RenameCommit
+from gradguard.ckpt import Checkpointer, CheckpointWriteError, RenameCommit, checkpointer
 from gradguard.ckpt.audit import read_audit
 from tests.ckpt.helpers import same_state, state_copy, tiny_model, trained
 
@@ -111,3 +113,45 @@ def test_maybe_save_saves_on_multiples_of_every(tmp_path: Path) -> None:
         saved = [ckpt.maybe_save(step, 5, model=model) for step in range(12)]
     assert saved == [s % 5 == 0 for s in range(12)]
     assert ckpt.steps() == [0, 5, 10]
+
+
+needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
+                                 reason="numba not installed: snapshots use np.copyto")
+
+
+@needs_numba
+def test_streaming_copy_copies_every_byte_at_any_alignment() -> None:
+    from gradguard.ckpt._stream_copy import stream_copy
+
+    source = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)
+    for dst_offset in (0, 1, 31, 63, 64):
+        for src_offset in (0, 5, 64):
+            for size in (0, 1, 63, 64, 65, 127, 1000, 3000):
+                dst = np.zeros(4096, np.uint8)
+                stream_copy(dst[dst_offset:dst_offset + size],
+                            source[src_offset:src_offset + size])
+                assert np.array_equal(dst[dst_offset:dst_offset + size],
+                                      source[src_offset:src_offset + size])
+                assert not dst[:dst_offset].any() and not dst[dst_offset + size:].any()
+
+
+@pytest.mark.parametrize("streaming", [pytest.param(True, marks=needs_numba), False])
+def test_large_snapshot_is_the_state_as_it_was(tmp_path: Path, streaming: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above STREAM_COPY_BYTES the snapshot takes the streaming copy (numba) or np.copyto
+    (without numba); either way the checkpoint holds the state of the call, bit for bit."""
+    monkeypatch.setattr(checkpointer, "STREAM_COPY_BYTES", 1 << 10)
+    if not streaming:
+        monkeypatch.setattr(checkpointer, "_stream_copy", lambda: None)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 301), torch.nn.Linear(301, 257))
+    optimizer = trained(model)
+    before = state_copy(model)
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save_async(1, model=model, optimizer=optimizer)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ckpt.wait()
+    restored = torch.nn.Sequential(torch.nn.Linear(4, 301), torch.nn.Linear(301, 257))
+    ckpt.restore(model=restored)
+    assert same_state(state_copy(restored), before)

@@ -22,6 +22,7 @@ first and load nothing until the checkpoint is known to fit.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import os
 import sys
@@ -29,7 +30,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -95,27 +96,54 @@ _COPY_CHUNK = 8 << 20
 """Bytes per memcpy task of a snapshot: small enough to balance the cores, large enough that
 the per-task overhead stays below 1% at memory bandwidth."""
 
+STREAM_COPY_BYTES = 32 << 20
+"""Snapshots at least this large are copied with streaming stores when numba is installed
+(:mod:`gradguard.ckpt._stream_copy`): they do not fit in the caches, and streaming
+stores skip reading each destination line first. Smaller ones use ``np.copyto``."""
+
 
 def _parallel_memcpy(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
     """``dst[:] = src`` for byte arrays, in chunks over the machine's cores.
 
-    ``np.copyto`` releases the GIL, so the threads copy at once: a snapshot is a
+    The copies release the GIL, so the threads copy at once: a snapshot is a
     memory-bandwidth copy, and one core does not saturate the memory bus.
     """
+    total = sum(len(dst) for dst, _ in pairs)
+    copy = (_stream_copy() if total >= STREAM_COPY_BYTES else None) or np.copyto
     tasks = [(dst[i:i + _COPY_CHUNK], src[i:i + _COPY_CHUNK])
              for dst, src in pairs for i in range(0, len(dst), _COPY_CHUNK)]
     workers = min(len(tasks), os.cpu_count() or 1, 8)
     if workers <= 1:
         for dst, src in tasks:
-            np.copyto(dst, src)
+            copy(dst, src)
         return
-    for _ in _copy_pool().map(lambda task: np.copyto(task[0], task[1]), tasks):
+    for _ in _copy_pool().map(lambda task: copy(task[0], task[1]), tasks):
         pass
 
 
 @functools.cache
 def _copy_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(min(os.cpu_count() or 1, 8), thread_name_prefix="gradguard-copy")
+
+
+@functools.cache
+def _stream_copy() -> Callable[[np.ndarray, np.ndarray], None] | None:
+    """The streaming-store copy, compiled (or loaded from numba's cache) on first use;
+    None without numba, or where it does not compile (then ``np.copyto`` is used)."""
+    if importlib.util.find_spec("numba") is None:
+        return None
+    try:
+        from gradguard.ckpt._stream_copy import stream_copy
+        probe = np.arange(256, dtype=np.uint8)
+        out = np.zeros_like(probe)
+        stream_copy(out[1:], probe[1:])
+    except Exception as err:  # numba present but unusable here: the plain copy still works
+        warnings.warn(f"gradguard: streaming snapshot copy unavailable ({type(err).__name__}: "
+                      f"{err}); using np.copyto", RuntimeWarning, stacklevel=2)
+        return None
+    if not np.array_equal(out[1:], probe[1:]):
+        return None
+    return stream_copy
 
 
 @dataclass(frozen=True)
