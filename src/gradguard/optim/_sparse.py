@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _hugepages as hugepages
+
 KERNEL_DTYPES: frozenset[torch.dtype] = frozenset({torch.float32, torch.float64})
 """Parameter dtypes the compiled kernels take."""
 
@@ -205,33 +207,28 @@ def use_kernel(group: dict[str, Any], *tables: Tensor) -> bool:
 
 
 class _Workspace:
-    """Scratch for :func:`~gradguard.optim._sparse_kernels.coalesce`, kept between steps
-    (allocating and faulting in megabytes per step costs more than the step)."""
+    """Scratch for :func:`~gradguard.optim._sparse_kernels.group_lookups`, kept between
+    steps (allocating and faulting in megabytes per step costs more than the step)."""
 
     def __init__(self) -> None:
         import numpy as np
 
         self.keys = np.empty(0, np.int64)
         self.slots = np.empty(0, np.int64)
-        self.rows = np.empty((3, 0), np.int64)
-        self.summed: dict[Any, Any] = {}
+        self.lookups = np.empty((5, 0), np.int64)
 
-    def arrays(self, lookups: int, width: int, dtype: Any) -> tuple[Any, ...]:
-        """(keys, slots, unique, first, merged, summed) for ``lookups`` rows of ``width``."""
+    def arrays(self, lookups: int) -> tuple[Any, ...]:
+        """(keys, slots, unique, starts, order, inverse, cursor) for ``lookups`` lookups."""
         import numpy as np
 
         capacity = 1 << max(4, (2 * lookups - 1).bit_length())
         if self.keys.size < capacity:
             self.keys = np.full(capacity, -1, np.int64)
             self.slots = np.empty(capacity, np.int64)
-        if self.rows.shape[1] < lookups:
-            self.rows = np.empty((3, lookups), np.int64)
-        summed = self.summed.get(dtype)
-        if summed is None or summed.size < lookups * width:
-            summed = self.summed[dtype] = np.empty(lookups * width, dtype)
-        unique, first, merged = self.rows
-        return (self.keys[:capacity], self.slots[:capacity], unique, first, merged,
-                summed[:lookups * width].reshape(lookups, width))
+        if self.lookups.shape[1] < lookups + 1:
+            self.lookups = np.empty((5, lookups + 1), np.int64)
+        unique, starts, order, inverse, cursor = self.lookups
+        return self.keys[:capacity], self.slots[:capacity], unique, starts, order, inverse, cursor
 
 
 ROWS_PER_THREAD = 2048
@@ -249,7 +246,8 @@ _STEP_LOCK = threading.Lock()  # the workspace serves one step at a time
 
 def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
                   scalars: Sequence[float | int], counts: Tensor | None) -> None:
-    """Coalesce ``grad`` and run kernel ``name`` on ``tables`` (the parameter and its state).
+    """Group ``grad``'s lookups by row and run kernel ``name`` on ``tables`` (the
+    parameter and its state).
 
     Float ``scalars`` are passed in the tables' dtype, ints as they are. The
     distinct rows are updated on up to ``torch.get_num_threads()`` threads, the
@@ -260,30 +258,31 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
     lookups = grad.rows.numel()
     if lookups == 0:
         return
-    low, high = torch.aminmax(grad.rows)
-    if low < 0 or high >= grad.num_rows:
-        bad = int(low) if low < 0 else int(high)
-        raise IndexError(f"sparse gradient row {bad} is out of range for {grad.num_rows} rows")
     dtype = tables[0].dtype
     module = kernels()
     update = getattr(module, name)
     rows = grad.rows.detach().contiguous().numpy()
     values = grad.values.detach().to(dtype).contiguous().numpy()
+    for table in tables:
+        hugepages.advise(table)
     arrays = [t.detach().numpy() for t in tables]
     per_row = counts is not None and counts.numel() == grad.num_rows
     counts_array = counts.numpy() if per_row and counts is not None else np.empty(0, np.int64)
     arguments = [scalar(dtype, x) if isinstance(x, float) else x for x in scalars]
     with _STEP_LOCK:
-        keys, slots, unique, first, merged, summed = _WORKSPACE.arrays(
-            lookups, values.shape[1], values.dtype)
-        count = module.coalesce(rows, values, keys, slots, unique, first, merged, summed)
+        keys, slots, unique, starts, order, inverse, cursor = _WORKSPACE.arrays(lookups)
+        count = module.group_lookups(rows, grad.num_rows, keys, slots, unique, starts, order,
+                                     inverse, cursor)
+        if count < 0:
+            raise IndexError(f"sparse gradient row {int(rows[-1 - count])} is out of range "
+                             f"for {grad.num_rows} rows")
         threads = max(1, min(torch.get_num_threads(), count // ROWS_PER_THREAD))
         chunks = threads * CHUNKS_PER_THREAD if threads > 1 else 1
         bounds = np.array([count * k // chunks for k in range(chunks + 1)], np.int64)
         claim = np.zeros(1, np.int64)
 
         def work() -> None:  # one compiled call: it claims chunks until none is left
-            update(*arrays, values, summed, unique, first, merged, bounds, claim, *arguments,
+            update(*arrays, values, unique, starts, order, bounds, claim, *arguments,
                    counts_array)
 
         futures = [_pool(threads - 1).submit(work) for _ in range(threads - 1)]
