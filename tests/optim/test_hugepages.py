@@ -12,6 +12,8 @@ import torch
 import gradguard.optim as go
 from gradguard.optim import _hugepages, _sparse
 
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 thp_available = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not THP.exists() or "[never]" in THP.read_text(),

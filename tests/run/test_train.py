@@ -159,6 +159,8 @@ def test_a_run_stopped_mid_way_and_resumed_ends_with_the_same_parameters(
     ("quadratic", {"condition": 10.0}, {"name": "gradient_descent", "gtol": 1e-12}),
     ("rosenbrock", {}, {"name": "newton", "gtol": 1e-12}),
     ("rosenbrock", {}, {"name": "nonlinear_cg", "gtol": 1e-12}),
+    ("rosenbrock", {}, {"name": "gradient_descent", "line_search": "barzilai_borwein",
+                        "gtol": 1e-9}),
 ])
 def test_full_batch_optimizers_reach_the_analytic_optimum(
         workload: str, options: dict[str, Any], optimizer: dict[str, Any], tmp_path: Path) -> None:
