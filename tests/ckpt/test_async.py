@@ -15,6 +15,9 @@ from gradguard.ckpt import Checkpointer, CheckpointWriteError, RenameCommit, che
 from gradguard.ckpt.audit import read_audit
 from tests.ckpt.helpers import same_state, state_copy, tiny_model, trained
 
+needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
+                                 reason="numba not installed: snapshots use np.copyto")
+
 
 class GatedCommit(RenameCommit):
     """A local protocol whose commits wait for a gate (slow storage), or fail (full disk)."""
@@ -33,7 +36,16 @@ class GatedCommit(RenameCommit):
         return super().commit(staging, name, manifest)
 
 
-def test_async_save_stores_the_state_as_it_was_when_called(tmp_path: Path) -> None:
+@pytest.mark.parametrize("copy", ["memcpy", pytest.param("streaming", marks=needs_numba),
+                                  "memcpy above the threshold"])
+def test_async_save_stores_the_state_as_it_was_when_called(
+        tmp_path: Path, copy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Snapshots of STREAM_COPY_BYTES or more take the streaming copy (with numba) or
+    np.copyto (without); small ones np.copyto. Each holds the state of the call."""
+    if copy != "memcpy":
+        monkeypatch.setattr(checkpointer, "STREAM_COPY_BYTES", 1)
+    if copy == "memcpy above the threshold":
+        monkeypatch.setattr(checkpointer, "_stream_copy", lambda: None)
     model = tiny_model()
     optimizer = trained(model)
     before = state_copy(model)
@@ -115,9 +127,6 @@ def test_maybe_save_saves_on_multiples_of_every(tmp_path: Path) -> None:
     assert ckpt.steps() == [0, 5, 10]
 
 
-needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
-                                 reason="numba not installed: snapshots use np.copyto")
-
 
 @needs_numba
 def test_streaming_copy_copies_every_byte_at_any_alignment() -> None:
@@ -133,25 +142,3 @@ def test_streaming_copy_copies_every_byte_at_any_alignment() -> None:
                 assert np.array_equal(dst[dst_offset:dst_offset + size],
                                       source[src_offset:src_offset + size])
                 assert not dst[:dst_offset].any() and not dst[dst_offset + size:].any()
-
-
-@pytest.mark.parametrize("streaming", [pytest.param(True, marks=needs_numba), False])
-def test_large_snapshot_is_the_state_as_it_was(tmp_path: Path, streaming: bool,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above STREAM_COPY_BYTES the snapshot takes the streaming copy (numba) or np.copyto
-    (without numba); either way the checkpoint holds the state of the call, bit for bit."""
-    monkeypatch.setattr(checkpointer, "STREAM_COPY_BYTES", 1 << 10)
-    if not streaming:
-        monkeypatch.setattr(checkpointer, "_stream_copy", lambda: None)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 301), torch.nn.Linear(301, 257))
-    optimizer = trained(model)
-    before = state_copy(model)
-    ckpt = Checkpointer(tmp_path)
-    ckpt.save_async(1, model=model, optimizer=optimizer)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    ckpt.wait()
-    restored = torch.nn.Sequential(torch.nn.Linear(4, 301), torch.nn.Linear(301, 257))
-    ckpt.restore(model=restored)
-    assert same_state(state_copy(restored), before)
