@@ -140,7 +140,7 @@ def group_lookups(rows: Any, num_rows: int, keys: Any, slots: Any, unique: Any, 
 # rows PREFETCH_ROWS distinct rows ahead; then it sums the row's lookups, in
 # lookup order (prefetching values PREFETCH_LOOKUPS lookups ahead), into `grad`,
 # a row-sized buffer that stays in L1, and updates the row in place. The summing
-# loop is written out in each kernel: a helper taking arrays measured 1.6x slower
+# loop is written out in each kernel: a helper taking arrays measured 1.6-2x slower
 # per row.
 
 
