@@ -281,14 +281,16 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
         bounds = np.array([count * k // chunks for k in range(chunks + 1)], np.int64)
         claim = np.zeros(1, np.int64)
 
-        def work() -> None:  # one compiled call: it claims chunks until none is left
-            update(*arrays, values, unique, starts, order, bounds, claim, *arguments,
-                   counts_array)
+        def work() -> int:  # one compiled call: it claims chunks until none is left
+            return int(update(*arrays, values, unique, starts, order, bounds, claim,
+                              *arguments, counts_array))
 
         futures = [_pool(threads - 1).submit(work) for _ in range(threads - 1)]
-        work()
-        for future in futures:
-            future.result()
+        if work() < chunks:  # another thread updated rows: wait until it is done
+            for future in futures:
+                future.result()
+        # else the other threads had not started: they will find no chunk left and return
+        # at once, touching nothing (``claim`` is this step's own counter)
         if counts is not None and not per_row:  # several sparse dims: count dim-0 rows
             count_touched(counts, torch.from_numpy(unique[:count].copy()), grad.num_rows)
 

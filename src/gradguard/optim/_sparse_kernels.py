@@ -348,7 +348,8 @@ def _rowwise_adagrad_rows(param: Any, state_sum: Any, values: Any, unique: Any, 
 
 # ----------------------------------------------------------------- the steps
 # One call per thread: each claims chunks of the distinct rows (``bounds``) until
-# none is left and updates them. Claiming inside the compiled code keeps the GIL
+# none is left, updates them, and returns how many it did (the caller need not
+# wait for a thread that started too late to get one). Claiming inside the compiled code keeps the GIL
 # out of the loop: threads that came back to Python between chunks would queue
 # for it, one behind the other.
 
@@ -356,12 +357,14 @@ def _rowwise_adagrad_rows(param: Any, state_sum: Any, values: Any, unique: Any, 
 @jit
 def adagrad(param: Any, state_sum: Any, values: Any, unique: Any, starts: Any, order: Any,
             bounds: Any, claim: Any, minus_clr: Any, eps: Any, sign: Any,
-            counts: Any) -> None:
+            counts: Any) -> int:
     """Adagrad's sparse step on the chunks of distinct rows this thread claims."""
+    done = 0
     while True:
         chunk = _claim(claim)
         if chunk >= bounds.size - 1:
-            return
+            return done
+        done += 1
         _adagrad_rows(param, state_sum, values, unique, starts, order, bounds[chunk],
                       bounds[chunk + 1], minus_clr, eps, sign, counts)
 
@@ -370,12 +373,14 @@ def adagrad(param: Any, state_sum: Any, values: Any, unique: Any, starts: Any, o
 def sparse_adam(param: Any, exp_avg: Any, exp_avg_sq: Any, values: Any, unique: Any,
                 starts: Any, order: Any, bounds: Any, claim: Any, one_minus_beta1: Any,
                 one_minus_beta2: Any, eps: Any, minus_step_size: Any, sign: Any,
-                counts: Any) -> None:
+                counts: Any) -> int:
     """SparseAdam's step on the chunks of distinct rows this thread claims."""
+    done = 0
     while True:
         chunk = _claim(claim)
         if chunk >= bounds.size - 1:
-            return
+            return done
+        done += 1
         _sparse_adam_rows(param, exp_avg, exp_avg_sq, values, unique, starts, order,
                           bounds[chunk], bounds[chunk + 1], one_minus_beta1, one_minus_beta2,
                           eps, minus_step_size, sign, counts)
@@ -384,12 +389,14 @@ def sparse_adam(param: Any, exp_avg: Any, exp_avg_sq: Any, values: Any, unique: 
 @jit
 def ftrl(param: Any, z: Any, n: Any, values: Any, unique: Any, starts: Any, order: Any,
          bounds: Any, claim: Any, lr: Any, inverse_lr: Any, shift: Any, l1: Any, sign: Any,
-         counts: Any) -> None:
+         counts: Any) -> int:
     """FTRL's sparse step on the chunks of distinct rows this thread claims."""
+    done = 0
     while True:
         chunk = _claim(claim)
         if chunk >= bounds.size - 1:
-            return
+            return done
+        done += 1
         _ftrl_rows(param, z, n, values, unique, starts, order, bounds[chunk],
                    bounds[chunk + 1], lr, inverse_lr, shift, l1, sign, counts)
 
@@ -398,12 +405,14 @@ def ftrl(param: Any, z: Any, n: Any, values: Any, unique: Any, starts: Any, orde
 def rowwise_adagrad(param: Any, state_sum: Any, values: Any, unique: Any, starts: Any,
                     order: Any, bounds: Any, claim: Any, lr: Any, eps: Any, weight_decay: Any,
                     mode: int, sign: Any, zero: Any, one: Any, row_size: Any,
-                    counts: Any) -> None:
+                    counts: Any) -> int:
     """Row-wise Adagrad's sparse step on the chunks of distinct rows this thread claims."""
+    done = 0
     while True:
         chunk = _claim(claim)
         if chunk >= bounds.size - 1:
-            return
+            return done
+        done += 1
         _rowwise_adagrad_rows(param, state_sum, values, unique, starts, order, bounds[chunk],
                               bounds[chunk + 1], lr, eps, weight_decay, mode, sign, zero, one,
                               row_size, counts)
