@@ -91,26 +91,3 @@ def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
             _LIBC.append(None)
     libc = _LIBC[0]
     return None if libc is None else libc.madvise
-
-
-def huge_page_bytes(tensor: torch.Tensor) -> int:
-    """Bytes of ``tensor``'s storage backed by huge pages now (``/proc/self/smaps``;
-    0 where that cannot be read)."""
-    storage = tensor.untyped_storage()
-    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-    total = 0
-    try:
-        with open("/proc/self/smaps") as smaps:
-            inside = False
-            low = high = 0
-            for line in smaps:
-                head = line.split(None, 1)[0]
-                if "-" in head and not head.endswith(":"):
-                    low, high = (int(x, 16) for x in head.split("-"))
-                    inside = low < end and high > start
-                elif inside and head == "AnonHugePages:":
-                    # the VMA's huge pages; an advised range is its own VMA (madvise splits it)
-                    total += int(line.split()[1]) * 1024
-    except OSError:
-        return 0
-    return min(total, end - start)

@@ -349,9 +349,9 @@ def _rowwise_adagrad_rows(param: Any, state_sum: Any, values: Any, unique: Any, 
 # ----------------------------------------------------------------- the steps
 # One call per thread: each claims chunks of the distinct rows (``bounds``) until
 # none is left, updates them, and returns how many it did (the caller need not
-# wait for a thread that started too late to get one). Claiming inside the compiled code keeps the GIL
-# out of the loop: threads that came back to Python between chunks would queue
-# for it, one behind the other.
+# wait for a thread that started too late to get one). Claiming inside the
+# compiled code keeps the GIL out of the loop: threads that came back to Python
+# between chunks would queue for it, one behind the other.
 
 
 @jit
