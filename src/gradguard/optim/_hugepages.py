@@ -42,6 +42,8 @@ _MADV_COLLAPSE = 25
 
 _lock = threading.Lock()
 _advised: set[tuple[int, int]] = set()
+collapsed: set[tuple[int, int]] = set()
+"""(address, bytes) of the storages whose ``MADV_COLLAPSE`` succeeded: in huge pages now."""
 
 
 def enabled() -> bool:
@@ -72,7 +74,9 @@ def advise(tensor: torch.Tensor) -> bool:
         madvise = _madvise()
         if madvise is None or madvise(first, last - first, _MADV_HUGEPAGE) != 0:
             return False
-        madvise(first, last - first, _MADV_COLLAPSE)  # best effort: older kernels refuse it
+        # best effort: kernels before 6.1 refuse it, and it fails without free huge pages
+        if madvise(first, last - first, _MADV_COLLAPSE) == 0:
+            collapsed.add(key)
         _advised.add(key)
         return True
 
