@@ -138,6 +138,8 @@ def test_a_journal_file_storage_works_too(tmp_path: Path) -> None:
     assert (tmp_path / "journal.log").stat().st_size > 0
     assert not (tmp_path / "sweep" / "study.db").exists()
     assert len([t for t in result.trials if t["state"] == "COMPLETE"]) == 2
+    trial_dirs = sorted((tmp_path / "sweep" / "trials").iterdir())
+    assert len(trial_dirs) == 2 and not any((d / "report.html").exists() for d in trial_dirs)
     again = run_sweep(cfg, {"optimizer": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}},
                       trials=2, output=tmp_path / "sweep",
                       storage=str(tmp_path / "journal.log"), log=None)

@@ -285,3 +285,15 @@ def test_a_terminal_shows_a_progress_bar_guard_events_and_a_summary(tmp_path: Pa
         assert text in shown, text
     assert "guard step" in shown and "grad_spike -> skip" in shown
     assert "run finished" in shown and "best accuracy" in shown and "report:" in shown
+
+
+def test_report_false_skips_the_report_which_can_be_drawn_later(tmp_path: Path) -> None:
+    from gradguard.report import build_report
+
+    data = digits_config(tmp_path / "run", steps=20, eval_every=10)
+    data["run"]["report"] = False
+    result = train(config.parse(data), progress=False)
+    assert result.status == "finished" and result.report is None
+    assert (tmp_path / "run" / layout.SUMMARY).exists()
+    assert not (tmp_path / "run" / "report.html").exists()
+    assert build_report(tmp_path / "run") == tmp_path / "run" / "report.html"

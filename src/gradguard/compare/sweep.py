@@ -549,6 +549,7 @@ def run_sweep(config: str | os.PathLike[str] | Mapping[str, Any],
         trial.set_user_attr("worker", worker_id())
         data = apply_params(base, params)
         data.setdefault("run", {})["output"] = str(run_dir)
+        data["run"].setdefault("report", False)  # a trial's report costs more than a short trial
         cfg = run_config.parse(data, f"trial {trial.number}")
         reporter = EvalReporter(trial, run_dir, metric, prune=pruner != "none",
                                 last_step=cfg.train.steps)

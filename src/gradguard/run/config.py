@@ -51,6 +51,8 @@ class RunSection(_Section):
     precision: Literal["fp32", "bf16", "fp64"] = Field(
         "fp32", description='"fp32"; "bf16" (autocast, fp32 weights); "fp64" (model in float64)')
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+    report: bool = Field(True, description="write report.html when the run ends "
+                                           "(`gradguard report RUN_DIR` writes it later)")
 
 
 class WorkloadSection(_Section):

@@ -1120,9 +1120,10 @@ class _Context:
             (d / rundir.SUMMARY).write_text(json.dumps(json_safe(summary), indent=1,
                                                        allow_nan=False), encoding="utf-8")
             try:
-                from gradguard.report import build_report
+                if self.config.run.report:
+                    from gradguard.report import build_report
 
-                report = build_report(d)
+                    report = build_report(d)
             except Exception as exc:  # the run's results are saved; a report failure is reported
                 self.say(f"[red]report failed[/]: {type(exc).__name__}: {exc}")
             self.ui.summary(summary, report)
