@@ -1120,7 +1120,7 @@ class _Context:
             (d / rundir.SUMMARY).write_text(json.dumps(json_safe(summary), indent=1,
                                                        allow_nan=False), encoding="utf-8")
             try:
-                if self.config.run.report:
+                if self.cfg.run.report:
                     from gradguard.report import build_report
 
                     report = build_report(d)
