@@ -234,6 +234,13 @@ class _Workspace:
 ROWS_PER_THREAD = 2048
 """Distinct rows per thread below which a sparse step uses fewer threads."""
 
+ROW_COST = 2
+"""A row's update costs about as much as summing this many lookups' values (random
+rows of the table and state, read and written, against rows of the values read):
+chunks are cut to equal ``lookups + ROW_COST * rows``, so that the chunk holding a
+hot row (thousands of lookups with Zipf-distributed ids) is not the one the step
+waits for."""
+
 CHUNKS_PER_THREAD = 8
 """The distinct rows are cut into this many chunks per thread, claimed as threads
 come free, so that a thread the OS preempts (for instance for torch's OpenMP
@@ -278,7 +285,11 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
                              f"for {grad.num_rows} rows")
         threads = max(1, min(torch.get_num_threads(), count // ROWS_PER_THREAD))
         chunks = threads * CHUNKS_PER_THREAD if threads > 1 else 1
-        bounds = np.array([count * k // chunks for k in range(chunks + 1)], np.int64)
+        bounds = np.array([0, count], np.int64)
+        if chunks > 1:  # chunks of equal work: a hot row's lookups count, not only its update
+            work = starts[:count + 1] + ROW_COST * np.arange(count + 1)
+            bounds = np.searchsorted(work, np.linspace(0, work[-1], chunks + 1)).astype(np.int64)
+            bounds[-1] = count
         claim = np.zeros(1, np.int64)
 
         def work() -> int:  # one compiled call: it claims chunks until none is left
