@@ -287,8 +287,8 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
         chunks = threads * CHUNKS_PER_THREAD if threads > 1 else 1
         bounds = np.array([0, count], np.int64)
         if chunks > 1:  # chunks of equal work: a hot row's lookups count, not only its update
-            work = starts[:count + 1] + ROW_COST * np.arange(count + 1)
-            bounds = np.searchsorted(work, np.linspace(0, work[-1], chunks + 1)).astype(np.int64)
+            cost = starts[:count + 1] + ROW_COST * np.arange(count + 1)
+            bounds = np.searchsorted(cost, np.linspace(0, cost[-1], chunks + 1)).astype(np.int64)
             bounds[-1] = count
         claim = np.zeros(1, np.int64)
 
