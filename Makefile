@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: $(STAMP)
-	# exit code 5 means no test is marked slow (none is today); that is not a failure
+	# exit code 5 means no test is marked slow; that is not a failure
 	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]
 
 lint: $(STAMP)
