@@ -153,18 +153,24 @@ def load_base(source: str | os.PathLike[str] | Mapping[str, Any],
     if isinstance(source, Mapping):
         data, name = copy.deepcopy(dict(source)), "config"
     else:
-        path = Path(source)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CompareError(f"no such config file: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise CompareError(f"{path}: not valid TOML: {exc}") from None
-        name = path.stem
+        data, name = read_toml(source, "config file"), Path(source).stem
     try:
         return config.apply_overrides(data, list(overrides)), name
     except ConfigError as exc:
         raise CompareError(str(exc)) from None
+
+
+def read_toml(path: str | os.PathLike[str], what: str,
+              error: type[ValueError] = CompareError) -> dict[str, Any]:
+    """The TOML file ``path`` as a mapping; a missing file or bad TOML raises ``error``
+    naming the file (``what`` says which file: "config file", "search-space file")."""
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"no such {what}: {p}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{p}: not valid TOML: {exc}") from None
 
 
 @dataclass

@@ -57,19 +57,13 @@ import json
 import math
 import os
 import socket
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradguard.compare.experiment import json_safe, load_base
+from gradguard.compare.experiment import json_safe, load_base, read_toml
 from gradguard.compare.runs import EVENTS, number
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 STUDY_DB = "study.db"
 TRIALS = "trials"
@@ -214,14 +208,7 @@ def _parameter(key: str, spec: Mapping[str, Any], problems: list[str]) -> Parame
 
 def load_space(path: str | os.PathLike[str]) -> SearchSpace:
     """Read and validate a search-space TOML file."""
-    p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SweepError(f"no such search-space file: {p}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SweepError(f"{p}: not valid TOML: {exc}") from None
-    return parse_space(data, str(p))
+    return parse_space(read_toml(path, "search-space file", SweepError), str(path))
 
 
 def apply_params(base: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
