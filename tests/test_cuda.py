@@ -39,7 +39,7 @@ from gradguard.guard import Guard
 from gradguard.watch import Recorder
 from gradguard.watch.record import Record
 from gradguard.watch.sinks.base import Sink
-from tests.optim.harness import GradientStream, make_params, rel_err
+from tests.optim.harness import GradientStream, make_params, rel_err, step_pair
 from tests.optim.test_sparse_adagrad import TABLES, ZipfLookups, make_tables
 
 pytestmark = [
@@ -121,15 +121,8 @@ def run_lockstep(make_a: Factory, make_b: Factory, *, dtype: torch.dtype,
                                               list[torch.nn.Parameter], torch.optim.Optimizer]:
     """Two optimizers from the same start, each on its own device, same gradient stream."""
     params_a = device_params(dtype, device_a)
-    params_b = device_params(dtype, device_b)
-    opt_a, opt_b = make_a(params_a), make_b(params_b)
-    stream = DeviceStream(params_a)
-    for t in range(steps):
-        stream.apply(params_a, t)
-        stream.apply(params_b, t)
-        opt_a.step()
-        opt_b.step()
-    return params_a, opt_a, params_b, opt_b
+    return step_pair(params_a, device_params(dtype, device_b), make_a, make_b, DeviceStream,
+                     steps)
 
 
 def on_cuda(tensors: Iterable[Tensor]) -> bool:

@@ -11,7 +11,7 @@ gradient and give another an all-zero gradient, as real training does.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -72,9 +72,28 @@ def lockstep(make_a: OptimizerFactory, make_b: OptimizerFactory, steps: int, see
                         list[torch.nn.Parameter], torch.optim.Optimizer]:
     """Run two optimizers from the same start on the same gradient stream."""
     params_a = make_params(seed, dtype, shapes)
-    params_b = clone_params(params_a)
+    return step_pair(params_a, clone_params(params_a), make_a, make_b,
+                     lambda params: GradientStream(params, seed), steps)
+
+
+class Stream(Protocol):
+    """Sets the gradients of step ``t`` on a list of parameters."""
+
+    def apply(self, params: Sequence[torch.nn.Parameter], t: int) -> None: ...
+
+
+def step_pair(params_a: list[torch.nn.Parameter], params_b: list[torch.nn.Parameter],
+              make_a: OptimizerFactory, make_b: OptimizerFactory,
+              make_stream: Callable[[list[torch.nn.Parameter]], Stream], steps: int,
+              ) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer,
+                         list[torch.nn.Parameter], torch.optim.Optimizer]:
+    """Step an optimizer on each list of parameters, ``steps`` times, on the same gradients.
+
+    The stream is made from ``params_a`` after the optimizers, which may replace
+    parameters in the lists (a test's transposed parameter, for instance).
+    """
     opt_a, opt_b = make_a(params_a), make_b(params_b)
-    stream = GradientStream(params_a, seed)
+    stream = make_stream(params_a)
     for t in range(steps):
         stream.apply(params_a, t)
         stream.apply(params_b, t)

@@ -15,7 +15,7 @@ import torch
 
 import gradguard.optim as go
 from gradguard.optim import _sparse
-from tests.optim.harness import config_ids, rel_err
+from tests.optim.harness import config_ids, rel_err, step_pair
 
 # torch's own sparse paths build tensors without invariant checks
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
@@ -99,14 +99,8 @@ def sparse_lockstep(make_a: OptimizerFactory, make_b: OptimizerFactory, steps: i
     """Two optimizers from the same tables on the same sparse gradients."""
     params_a = make_tables(seed, dtype)
     params_b = [torch.nn.Parameter(p.detach().clone()) for p in params_a]
-    opt_a, opt_b = make_a(params_a), make_b(params_b)
-    stream = ZipfLookups(seed=seed, dtype=dtype)
-    for t in range(steps):
-        stream.apply(params_a, t)
-        stream.apply(params_b, t)
-        opt_a.step()
-        opt_b.step()
-    return params_a, opt_a, params_b, opt_b
+    return step_pair(params_a, params_b, make_a, make_b,
+                     lambda _: ZipfLookups(seed=seed, dtype=dtype), steps)
 
 
 def assert_close(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor],
