@@ -39,6 +39,7 @@ import numpy as np
 
 from gradguard.compare import stats
 from gradguard.compare.runs import CONFIG, RunOutcome, read_run, read_summary
+from gradguard.guard.audit import json_safe
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -603,21 +604,6 @@ def _write_plan(out: Path, name: str, base: Mapping[str, Any], variants: Sequenc
 
 
 # ================================================================== summary
-def json_safe(value: Any) -> Any:
-    """Plain JSON: non-finite floats as the runner writes them (``"NaN"``, ``"Infinity"``)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic):
-        return json_safe(value.item())
-    return value
-
-
 def read_plan(output: str | os.PathLike[str]) -> dict[str, Any]:
     """The plan a compare directory was run with (``compare.json``)."""
     path = Path(output) / PLAN

@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from gradguard.compare.experiment import json_safe
+from gradguard.guard.audit import json_safe
 
 EVALUATION_KIND = "gradguard.evaluation"
 GATE_KIND = "gradguard.gate"

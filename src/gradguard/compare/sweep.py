@@ -62,8 +62,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradguard.compare.experiment import json_safe, load_base, read_toml
+from gradguard.compare.experiment import load_base, read_toml
 from gradguard.compare.runs import EVENTS, number
+from gradguard.guard.audit import json_safe
 
 STUDY_DB = "study.db"
 TRIALS = "trials"

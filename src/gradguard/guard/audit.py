@@ -27,11 +27,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 SCHEMA_VERSION = 1
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` as strict-JSON data: non-finite floats as strings, unknown objects as str."""
+    """``value`` as strict-JSON data: non-finite floats as strings (``"NaN"``,
+    ``"Infinity"``, as the runner writes them), numpy scalars as Python numbers,
+    unknown objects (paths, ...) as str."""
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, Mapping):
