@@ -334,8 +334,8 @@ class GuardedCallback:
 
     The subclass sets ``guard``, ``recorder``, ``_routing`` (a :class:`GuardedStep`
     or None), ``_pending_state``, ``_owns_guard``, ``_owns_recorder``, ``_buffer``
-    (its :class:`MetricBuffer`), ``_losses`` (a :class:`LossAccumulator`) and
-    ``_step_loss``.
+    (its :class:`MetricBuffer`), ``_losses`` (a :class:`LossAccumulator`),
+    ``_step_loss``, ``log_loss`` and ``prefix``.
     """
 
     guard: Guard | None
@@ -347,11 +347,33 @@ class GuardedCallback:
     _buffer: MetricBuffer
     _losses: LossAccumulator
     _step_loss: Any
+    log_loss: bool
+    prefix: str
 
     @property
     def last_result(self) -> StepResult | None:
         """What the guard did at the latest optimizer step (None before the first)."""
         return self._routing.last_result if self._routing is not None else None
+
+    def _log_loss(self) -> None:
+        """Log the loss of the step just taken to the recorder: the routed step's loss
+        (the guard judged it), or, with a recorder only, the loss the callback saw."""
+        pending: tuple[int, LossValue] | None = None
+        if self._routing is not None:
+            pending, self._routing.pending_loss = self._routing.pending_loss, None
+        else:  # recorder only: the loss of the step just applied
+            if self._step_loss is not None and self.recorder is not None:
+                pending = (self.recorder.step, self._step_loss)
+            self._step_loss = None
+        if (pending is not None and pending[1] is not None and self.recorder is not None
+                and self.log_loss):
+            self.recorder.log(pending[0], loss=pending[1])
+
+    def _buffer_guard_values(self) -> None:
+        """Without a recorder, the guard's own values go to the framework's logger."""
+        if self.guard is not None and self.recorder is None:
+            self._buffer.add(guard_values(self.guard, self.prefix))
+            self._buffer.add(result_values(self.last_result, self.prefix))
 
     def _state_values(self) -> dict[str, Any]:
         """The guard's history and the recorder's step count (or what waits to be applied)."""

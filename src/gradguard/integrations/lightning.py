@@ -39,10 +39,8 @@ from ._common import (
     MetricBuffer,
     build,
     check_optimizer,
-    guard_values,
     link,
     missing_extra,
-    result_values,
 )
 
 try:
@@ -268,22 +266,8 @@ class GradguardCallback(GuardedCallback, Callback):
                 "precision='16-mixed' call opt.step() (opt = self.optimizers()): Lightning "
                 "unscales, and the GradguardCallback routes the step through the guard")
 
-    def _log_loss(self) -> None:
-        pending: tuple[int, LossValue] | None = None
-        if self._routing is not None:
-            pending, self._routing.pending_loss = self._routing.pending_loss, None
-        else:  # recorder only: the loss of the step just applied
-            if self._step_loss is not None and self.recorder is not None:
-                pending = (self.recorder.step, self._step_loss)
-            self._step_loss = None
-        if (pending is not None and pending[1] is not None and self.recorder is not None
-                and self.log_loss):
-            self.recorder.log(pending[0], loss=pending[1])
-
     def _forward(self, trainer: pl.Trainer, *, force: bool) -> None:
-        if self.guard is not None and self.recorder is None:
-            self._buffer.add(guard_values(self.guard, self.prefix))
-            self._buffer.add(result_values(self.last_result, self.prefix))
+        self._buffer_guard_values()
         if not self._buffer.values or not trainer.loggers:
             return
         every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 1) or 1

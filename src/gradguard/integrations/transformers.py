@@ -46,10 +46,8 @@ from ._common import (
     MetricBuffer,
     build,
     check_optimizer,
-    guard_values,
     link,
     missing_extra,
-    result_values,
 )
 
 try:
@@ -232,27 +230,15 @@ class GradguardTrainerCallback(GuardedCallback, TrainerCallback):
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState,
                           control: TrainerControl, **kwargs: Any) -> None:
         """Log the step's loss to the recorder."""
-        if not self._attached:
-            return
-        pending: tuple[int, LossValue] | None = None
-        if self._routing is not None:
-            pending, self._routing.pending_loss = self._routing.pending_loss, None
-        else:  # recorder only: the loss of the step just applied
-            if self._step_loss is not None and self.recorder is not None:
-                pending = (self.recorder.step, self._step_loss)
-            self._step_loss = None
-        if (pending is not None and pending[1] is not None and self.recorder is not None
-                and self.log_loss):
-            self.recorder.log(pending[0], loss=pending[1])
+        if self._attached:
+            self._log_loss()
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                **kwargs: Any) -> None:
         """Add the latest gradguard metrics to this log (``logs`` and ``state.log_history``)."""
         if not self._attached:
             return
-        if self.guard is not None and self.recorder is None:
-            self._buffer.add(guard_values(self.guard, self.prefix))
-            self._buffer.add(result_values(self.last_result, self.prefix))
+        self._buffer_guard_values()
         if not self._buffer.values:
             return
         metrics = self._buffer.drain()
