@@ -7,6 +7,7 @@ against the torch-ops path, per-row update counts, bad input.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -188,16 +189,68 @@ def test_kernel_equals_torch_ops(dtype: torch.dtype, tol: float) -> None:
 
 
 @needs_kernels
-def test_kernel_runs_on_several_threads_like_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_sparse, "ROWS_PER_THREAD", 4)  # ~30 distinct rows: 3 threads
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        ours, _, ref, _ = sparse_lockstep(lambda ps: go.Adagrad(ps, impl="auto"),
-                                          lambda ps: go.Adagrad(ps, impl="reference"), 30)
-    finally:
+@pytest.mark.parametrize("team", ["openmp", "pool"])
+def test_kernel_runs_on_several_threads_like_one(team: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # "openmp": torch's own OpenMP team (GOMP_parallel); "pool": the fallback where torch
+    # has no OpenMP. The result is bit for bit the one-thread result either way
+    if team == "pool":
+        monkeypatch.setattr(_sparse, "omp_parallel", lambda: None)
+    elif _sparse.omp_parallel() is None:
+        pytest.skip("torch runs without an OpenMP runtime here")
+
+    def run(threads: int) -> list[torch.nn.Parameter]:
+        before = torch.get_num_threads()
         torch.set_num_threads(threads)
-    assert_close(ours, ref, 1e-12)
+        try:
+            ours, _, ref, _ = sparse_lockstep(lambda ps: go.Adagrad(ps, impl="auto"),
+                                              lambda ps: go.Adagrad(ps, impl="reference"), 30)
+        finally:
+            torch.set_num_threads(before)
+        assert_close(ours, ref, 1e-12)
+        return ours
+
+    monkeypatch.setattr(_sparse, "ROWS_PER_THREAD", 4)  # 48 lookups: 3 threads
+    one, three = run(1), run(3)
+    assert all(torch.equal(a, b) for a, b in zip(one, three, strict=True))
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+                         and _sparse.kernels_installed()),
+                    reason="needs Linux, torch with OpenMP and the compiled kernels")
+def test_kernels_find_torchs_openmp_team() -> None:
+    # the steps run on torch's OpenMP threads (no extra threads competing for the cores);
+    # a silent fall back to the thread pool would show in speed only
+    assert _sparse.omp_parallel() is not None
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows,lookups", [(1, 5), (2, 7), (300_000, 500), (5_000, 3_000)])
+def test_kernel_groups_any_table_size_like_torch_ops(rows: int, lookups: int) -> None:
+    # the kernels split the lookups into row ranges and radix-sort each by row (one
+    # digit pass for small tables, two for 300,000 rows); one row looked up 200 times
+    # and runs of neighbouring rows included
+    gen = torch.Generator().manual_seed(rows)
+    ids = torch.cat([torch.randint(0, rows, (lookups,), generator=gen),
+                     torch.full((200,), rows // 2), torch.arange(min(rows, 50))])
+    values = torch.randn(ids.numel(), 3, generator=gen, dtype=torch.float64)
+    start = torch.randn(rows, 3, generator=gen, dtype=torch.float64)
+    tables = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    for table in tables:
+        table.grad = torch.sparse_coo_tensor(ids.unsqueeze(0), values, (rows, 3))
+    go.Adagrad([tables[0]], lr=0.1, impl="auto").step()
+    go.Adagrad([tables[1]], lr=0.1, impl="reference").step()
+    assert rel_err(tables[0], tables[1]) <= 1e-15
+
+
+def test_task_split_keeps_sort_keys_in_64_bits() -> None:
+    # tasks are row ranges of 2**shift rows; the row's low `shift` bits and the lookup's
+    # 32 bits share one int64 sort key
+    for num_rows in (1, 2, 97, 2_000_000, 1 << 40):
+        for threads in (1, 2, 16):
+            bits, shift = _sparse._task_bits(num_rows, threads)
+            assert shift <= 31 and (num_rows - 1) >> shift < 1 << bits
+            assert bits == 0 or 1 << bits >= min(num_rows, 8 * threads)
 
 
 def test_embedding_modules_sparse_gradients_equal_torch() -> None:

@@ -207,103 +207,191 @@ def use_kernel(group: dict[str, Any], *tables: Tensor) -> bool:
 
 
 class _Workspace:
-    """Scratch for :func:`~gradguard.optim._sparse_kernels.group_lookups`, kept between
-    steps (allocating and faulting in megabytes per step costs more than the step)."""
+    """Scratch for a compiled sparse step, kept between steps (allocating and faulting in
+    megabytes per step costs more than the step), and the step's frame."""
 
     def __init__(self) -> None:
         import numpy as np
 
-        self.keys = np.empty(0, np.int64)
-        self.slots = np.empty(0, np.int64)
-        self.lookups = np.empty((5, 0), np.int64)
+        self.frame = np.zeros(kernels().FRAME_SIZE, np.int64)
+        self.part_starts = np.empty(0, np.int64)
+        self.part_order = np.empty(0, np.int64)
+        self.scratch = np.empty((0, 0, 0), np.int64)
+        self.hist = np.empty((0, 0), np.int64)
 
-    def arrays(self, lookups: int) -> tuple[Any, ...]:
-        """(keys, slots, unique, starts, order, inverse, cursor) for ``lookups`` lookups."""
+    def prepare(self, lookups: int, parts: int, slots: int) -> None:
+        """Grow the scratch for ``lookups`` lookups in ``parts`` tasks on ``slots`` threads."""
         import numpy as np
 
-        capacity = 1 << max(4, (2 * lookups - 1).bit_length())
-        if self.keys.size < capacity:
-            self.keys = np.full(capacity, -1, np.int64)
-            self.slots = np.empty(capacity, np.int64)
-        if self.lookups.shape[1] < lookups + 1:
-            self.lookups = np.empty((5, lookups + 1), np.int64)
-        unique, starts, order, inverse, cursor = self.lookups
-        return self.keys[:capacity], self.slots[:capacity], unique, starts, order, inverse, cursor
+        module = kernels()
+        if self.part_starts.size < parts + 1:
+            self.part_starts = np.empty(parts + 1, np.int64)
+        if self.part_order.size < lookups:
+            self.part_order = np.empty(lookups, np.int64)
+        if self.scratch.shape[0] < slots or self.scratch.shape[2] < lookups + 1:
+            self.scratch = np.empty((max(slots, self.scratch.shape[0]), module.SCRATCH_ARRAYS,
+                                     max(lookups + 1, self.scratch.shape[2])), np.int64)
+        if self.hist.shape[0] < slots:
+            self.hist = np.empty((slots, 1 << module.DIGIT_BITS), np.int64)
 
 
 ROWS_PER_THREAD = 2048
-"""Distinct rows per thread below which a sparse step uses fewer threads."""
+"""Lookups per thread below which a sparse step uses fewer threads."""
 
-ROW_COST = 2
-"""A row's update costs about as much as summing this many lookups' values (random
-rows of the table and state, read and written, against rows of the values read):
-chunks are cut to equal ``lookups + ROW_COST * rows``, so that the chunk holding a
-hot row (thousands of lookups with Zipf-distributed ids) is not the one the step
-waits for."""
+TASKS_PER_THREAD = 8
+"""The lookups are split into at least this many tasks (row ranges) per thread,
+claimed as threads come free, so that a thread the OS preempts delays the step by
+a small task only, and a task's sort scratch stays in L1/L2."""
 
-CHUNKS_PER_THREAD = 8
-"""The distinct rows are cut into this many chunks per thread, claimed as threads
-come free, so that a thread the OS preempts (for instance for torch's OpenMP
-workers, which spin for a while after each parallel op) delays the step by a
-small chunk only."""
+KERNEL_NUMBERS = {"adagrad": 0, "sparse_adam": 1, "ftrl": 2, "rowwise_adagrad": 3}
+"""``_sparse_kernels``' kernel numbers (``ADAGRAD``, ...) by name."""
 
-_WORKSPACE = _Workspace()
+_WORKSPACE: list[_Workspace] = []
 _STEP_LOCK = threading.Lock()  # the workspace serves one step at a time
+
+
+def _task_bits(num_rows: int, threads: int) -> tuple[int, int]:
+    """(task bits, shift): ``2**bits`` tasks, task of row ``r`` = ``r >> shift``.
+
+    At least :data:`TASKS_PER_THREAD` tasks per thread; the rows below each task's
+    range fit a sort key's 31 free bits.
+    """
+    row_bits = max(0, (num_rows - 1).bit_length())
+    bits = min(row_bits, max(1, (TASKS_PER_THREAD * threads - 1).bit_length()))
+    bits = max(bits, row_bits - 31)
+    return bits, row_bits - bits
 
 
 def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
                   scalars: Sequence[float | int], counts: Tensor | None) -> None:
-    """Group ``grad``'s lookups by row and run kernel ``name`` on ``tables`` (the
-    parameter and its state).
+    """Run kernel ``name`` on ``tables`` (the parameter and its state) for ``grad``.
 
-    Float ``scalars`` are passed in the tables' dtype, ints as they are. The
-    distinct rows are updated on up to ``torch.get_num_threads()`` threads, the
-    calling one included (one thread for small gradients).
+    Float ``scalars`` are passed in the tables' dtype, an int (the row-wise weight
+    decay mode) as it is. The step runs on up to ``torch.get_num_threads()``
+    threads: torch's OpenMP team where torch has one, else a thread pool with the
+    calling thread.
     """
     import numpy as np
 
     lookups = grad.rows.numel()
     if lookups == 0:
         return
+    if lookups >= 1 << 32:
+        raise ValueError(f"a sparse gradient of {lookups:,} lookups is too large for the "
+                         "compiled kernels (at most 2**32 - 1); use impl='reference'")
     dtype = tables[0].dtype
     module = kernels()
-    update = getattr(module, name)
     rows = grad.rows.detach().contiguous().numpy()
     values = grad.values.detach().to(dtype).contiguous().numpy()
     for table in tables:
         hugepages.advise(table)
-    arrays = [t.detach().numpy() for t in tables]
+    threads = max(1, min(torch.get_num_threads(), lookups // ROWS_PER_THREAD))
+    bits, shift = _task_bits(grad.num_rows, threads)
     per_row = counts is not None and counts.numel() == grad.num_rows
     counts_array = counts.numpy() if per_row and counts is not None else np.empty(0, np.int64)
-    arguments = [scalar(dtype, x) if isinstance(x, float) else x for x in scalars]
+    floats = np.zeros(8, np.float32 if dtype == torch.float32 else np.float64)
+    real = [x for x in scalars if isinstance(x, float)]
+    floats[:len(real)] = real
+    mode = next((x for x in scalars if not isinstance(x, float)), 0)
+    claims = np.zeros(2, np.int64)  # this step's own counters (a late pool thread reads them)
     with _STEP_LOCK:
-        keys, slots, unique, starts, order, inverse, cursor = _WORKSPACE.arrays(lookups)
-        count = module.group_lookups(rows, grad.num_rows, keys, slots, unique, starts, order,
-                                     inverse, cursor)
-        if count < 0:
-            raise IndexError(f"sparse gradient row {int(rows[-1 - count])} is out of range "
+        if not _WORKSPACE:
+            _WORKSPACE.append(_Workspace())
+        work = _WORKSPACE[0]
+        work.prepare(lookups, 1 << bits, threads)
+        bad = module.partition_lookups(rows, grad.num_rows, shift,
+                                       work.part_starts[:(1 << bits) + 1], work.part_order)
+        if bad < 0:
+            raise IndexError(f"sparse gradient row {int(rows[-1 - bad])} is out of range "
                              f"for {grad.num_rows} rows")
-        threads = max(1, min(torch.get_num_threads(), count // ROWS_PER_THREAD))
-        chunks = threads * CHUNKS_PER_THREAD if threads > 1 else 1
-        bounds = np.array([0, count], np.int64)
-        if chunks > 1:  # chunks of equal work: a hot row's lookups count, not only its update
-            cost = starts[:count + 1] + ROW_COST * np.arange(count + 1)
-            bounds = np.searchsorted(cost, np.linspace(0, cost[-1], chunks + 1)).astype(np.int64)
-            bounds[-1] = count
-        claim = np.zeros(1, np.int64)
-
-        def work() -> int:  # one compiled call: it claims chunks until none is left
-            return int(update(*arrays, values, unique, starts, order, bounds, claim,
-                              *arguments, counts_array))
-
-        futures = [_pool(threads - 1).submit(work) for _ in range(threads - 1)]
-        if work() < chunks:  # another thread updated rows: wait until it is done
-            for future in futures:
-                future.result()
-        # else the other threads had not started: they will find no chunk left and return
-        # at once, touching nothing (``claim`` is this step's own counter)
+        pointers = [t.detach().data_ptr() for t in tables]
+        pointers += pointers[-1:] * (3 - len(pointers))  # unused table slots: any valid one
+        frame = work.frame
+        frame[module.KERNEL] = KERNEL_NUMBERS[name]
+        frame[module.NUM_ROWS], frame[module.WIDTH] = grad.num_rows, values.shape[1]
+        frame[module.TABLE0:module.TABLE2 + 1] = pointers
+        frame[module.VALUES], frame[module.LOOKUPS] = values.ctypes.data, lookups
+        frame[module.IDS] = rows.ctypes.data
+        frame[module.PARTS], frame[module.NUM_PARTS] = work.part_starts.ctypes.data, 1 << bits
+        frame[module.PART_ORDER], frame[module.SHIFT] = work.part_order.ctypes.data, shift
+        frame[module.SCRATCH], frame[module.SLOTS] = work.scratch.ctypes.data, threads
+        frame[module.HIST], frame[module.CLAIMS] = work.hist.ctypes.data, claims.ctypes.data
+        frame[module.FLOATS], frame[module.MODE] = floats.ctypes.data, mode
+        frame[module.COUNTS], frame[module.NUM_COUNTS] = counts_array.ctypes.data, counts_array.size
+        frame[module.DTYPE] = floats.itemsize
+        _run_on_threads(module, frame, floats[:1], claims, threads, 1 << bits)
         if counts is not None and not per_row:  # several sparse dims: count dim-0 rows
-            count_touched(counts, torch.from_numpy(unique[:count].copy()), grad.num_rows)
+            count_touched(counts, torch.unique(grad.rows), grad.num_rows)
+
+
+def _run_on_threads(module: ModuleType, frame: Any, witness: Any, claims: Any, threads: int,
+                    tasks: int) -> None:
+    """Each of ``threads`` threads runs ``module.run(frame)`` once; return when the step is done."""
+    team = omp_parallel() if threads > 1 else None
+    if team is not None:  # torch's OpenMP team: GOMP_parallel returns when all are done
+        team(module.team_entry(), frame.ctypes.data, threads, 0)
+        return
+    witness = witness[0]
+    if threads == 1:
+        module.run(frame, witness)
+        return
+    # a pool thread may start after the step is over: it gets the step's own frame and
+    # counters (kept alive here), finds no task left, and returns touching nothing else
+    step = frame.copy()
+
+    def share(step: Any = step, claims: Any = claims) -> int:  # holds both until it returns
+        return int(module.run(step, witness))
+
+    futures = [_pool(threads - 1).submit(share) for _ in range(threads - 1)]
+    if module.run(step, witness) < tasks:  # another thread took tasks: wait until it is done
+        for future in futures:
+            future.result()
+
+
+_OMP: list[Any] = []
+
+
+def omp_parallel() -> Any:
+    """``GOMP_parallel(fn, data, num_threads, flags)`` of the OpenMP runtime torch runs its
+    own parallel loops on (ctypes, releases the GIL), or None.
+
+    None where torch has no OpenMP (another parallel backend) or its runtime has no GNU
+    entry points (libgomp and LLVM's libomp have them); the steps then use a thread pool.
+    """
+    if not _OMP:
+        with _LOCK:
+            if not _OMP:
+                _OMP.append(_find_gomp_parallel())
+    return _OMP[0]
+
+
+def _find_gomp_parallel() -> Any:
+    import ctypes
+    import os
+    import re
+
+    if not torch.backends.openmp.is_available():
+        return None
+    # the runtime loaded from torch's own lib folder first: another library may have
+    # loaded a second OpenMP runtime, with its own threads
+    libraries: list[str | None] = []
+    try:
+        with open("/proc/self/maps") as maps:
+            torch_lib = os.path.dirname(torch.__file__)
+            libraries += sorted({path for path in re.findall(r"(/\S*lib[gi]?omp[^/\s]*)",
+                                                              maps.read())
+                                 if path.startswith(torch_lib)})
+    except OSError:
+        pass
+    for library in [*libraries, None]:
+        try:
+            function = ctypes.CDLL(library).GOMP_parallel
+        except (OSError, AttributeError):
+            continue
+        function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        function.restype = None
+        return function
+    return None
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:

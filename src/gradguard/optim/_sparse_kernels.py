@@ -3,18 +3,27 @@
 Imported on first use by :mod:`gradguard.optim._sparse`, never by ``import
 gradguard``. A sparse step:
 
-1. :func:`group_lookups` finds the distinct rows of the lookups with a hash table
-   (no sort) and groups each row's lookups (a stable counting sort of the lookup
-   numbers), touching only the ids and scratch that fits in L2, not the values;
-2. each thread makes one call of the algorithm's step (:func:`adagrad`,
-   :func:`sparse_adam`, :func:`ftrl`, :func:`rowwise_adagrad`), which claims
-   chunks of the distinct rows with an atomic counter until none is left (a
-   preempted thread delays the step by one small chunk, and the GIL stays out of
-   the loop); for each row it sums the values of the row's lookups in lookup
-   order (duplicates are coalesced here, on all threads) and updates the row in
-   place, prefetching the parameter and state rows and the values
-   :data:`PREFETCH_ROWS` rows ahead, so that the time goes to the touched rows'
-   memory traffic rather than to the latency of each random row.
+1. :func:`partition_lookups` (one thread) checks every row is in range and splits
+   the lookups into ``2**bits`` *tasks* by the top bits of their row (a counting
+   sort on a few dozen buckets: two passes over the ids, nothing else touched);
+2. :func:`run` is entered once by each thread of the step, on torch's own
+   OpenMP team (:data:`team_entry`, started with ``GOMP_parallel``, so the step
+   neither waits for new threads nor competes with torch's idle workers for the
+   cores) or else on a thread pool. Each thread claims tasks with an atomic
+   counter until none is left, so that a late or preempted thread delays the
+   step by one task only. For a task it sorts the task's lookups by row (a stable
+   LSD radix sort, in scratch that stays in L1/L2), so that the distinct rows come
+   out ascending, each with its lookups in lookup order; then, for each distinct
+   row, it sums the values of the row's lookups (duplicates are coalesced here)
+   and updates the row of the parameter and its state in place
+   (:func:`_adagrad_rows`, :func:`_sparse_adam_rows`, :func:`_ftrl_rows`,
+   :func:`_rowwise_adagrad_rows`), prefetching rows and values ahead.
+
+Ascending rows matter on large tables: consecutive rows share pages, so a step
+walks the page tables once per page rather than once per row, and the memory
+controller sees nearby addresses. The result does not depend on the number of
+threads or on which thread takes which task: each row is summed in lookup order
+by one thread.
 
 The arithmetic is written operation for operation like the torch-ops path of
 each algorithm (``adagrad.py``, ``sparse_adam.py``, ``ftrl.py``, ``rowwise.py``),
@@ -29,6 +38,7 @@ from typing import Any
 import numba
 import numpy as np
 from llvmlite import ir
+from numba import carray
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
@@ -39,7 +49,21 @@ PREFETCH_LOOKUPS = 16
 """How many lookups ahead (in row order) the values rows are prefetched: a hot row's
 lookups are scattered over the values, so each would otherwise wait for memory."""
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: 2**64 / golden ratio
+DIGIT_BITS = 11
+"""Widest radix-sort digit: a 2,048-bucket histogram (16 KiB) stays in L1."""
+
+LOOKUP_BITS = 32
+"""A sort key holds the row's low bits above the lookup number's 32 bits."""
+
+# The frame: one int64 array describing a step, read by every thread's `run`.
+KERNEL, NUM_ROWS, WIDTH, TABLE0, TABLE1, TABLE2, VALUES, LOOKUPS, IDS = range(9)
+PARTS, NUM_PARTS, PART_ORDER, SHIFT, SCRATCH, SLOTS, HIST, CLAIMS = range(9, 17)
+FLOATS, MODE, COUNTS, NUM_COUNTS, DTYPE = range(17, 22)
+FRAME_SIZE = 22
+ADAGRAD, SPARSE_ADAM, FTRL, ROWWISE_ADAGRAD = range(4)
+"""Kernel numbers (``frame[KERNEL]``)."""
+SCRATCH_ARRAYS = 5
+"""Per-thread scratch rows: two sort buffers, then unique rows, starts, order."""
 
 jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
@@ -70,78 +94,112 @@ def _prefetch(typingctx: Any, array: Any, row: Any, column: Any) -> Any:
 
 
 @intrinsic
-def _claim(typingctx: Any, counter: Any) -> Any:
-    """Atomically ``counter[0] += 1``, returning the old value: the next task to run."""
+def _claim(typingctx: Any, counter: Any, index: Any) -> Any:
+    """Atomically ``counter[index] += 1``, returning the old value: the next task to run."""
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         array_type = signature.args[0]
         ary = context.make_array(array_type)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, array_type, ary,
-                                       [context.get_constant(types.intp, 0)], wraparound=False)
+        at = context.cast(builder, args[1], signature.args[1], types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, array_type, ary, [at],
+                                       wraparound=False)
         return builder.atomic_rmw("add", ptr, ir.Constant(ir.IntType(64), 1), "monotonic")
 
-    return types.int64(counter), codegen
+    return types.int64(counter, index), codegen
+
+
+@intrinsic
+def _pointer(typingctx: Any, address: Any, witness: Any) -> Any:
+    """The address ``address`` (an int64 from the frame) as a pointer to ``witness``'s type."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        target = context.get_data_type(signature.args[1])
+        return builder.inttoptr(args[0], target.as_pointer())
+
+    return types.CPointer(witness)(address, witness), codegen  # type: ignore[attr-defined]
 
 
 @jit
-def group_lookups(rows: Any, num_rows: int, keys: Any, slots: Any, unique: Any, starts: Any,
-                  order: Any, inverse: Any, cursor: Any) -> int:
-    """Group the lookups by row; return the number of distinct rows.
+def partition_lookups(rows: Any, num_rows: int, shift: int, part_starts: Any,
+                      part_order: Any) -> int:
+    """Split the lookups into tasks by ``row >> shift``; return ``-1 - i`` for the first
+    lookup ``i`` whose row is outside ``[0, num_rows)`` (nothing else done), else 0.
 
-    Afterwards, for ``j < count``: ``unique[j]`` is a distinct row (in order of first
-    lookup) and ``order[starts[j]:starts[j + 1]]`` are its lookups, ascending. The
-    values are not touched: the update kernels sum a row's lookups when they update
-    it. ``keys`` (all ``-1``, a power-of-two size above twice the lookups) and
-    ``slots`` are the hash table's scratch, left all ``-1`` again; ``inverse`` and
-    ``cursor`` are scratch of the lookups' size. A row outside ``[0, num_rows)``
-    stops the grouping: the result is then ``-1 - i`` for the first such lookup ``i``.
+    Afterwards the lookups of task ``p`` are ``part_order[part_starts[p]:part_starts[p + 1]]``,
+    ascending (a stable counting sort; ``part_starts`` has one entry per task, plus one).
     """
-    mask = keys.size - 1
-    bits = 0
-    while (1 << bits) < keys.size:
-        bits += 1
-    shift = np.uint64(64 - bits)  # the top `bits` bits of the hash index the table
-    count = 0
-    bad = -1
-    starts[0] = 0
+    parts = part_starts.size - 1
+    part_starts[:] = 0
     for i in range(rows.size):
         row = rows[i]
         if row < 0 or row >= num_rows:
-            bad = i
-            break
-        at = np.int64((np.uint64(row) * _GOLDEN) >> shift) & mask
-        while keys[at] != -1 and keys[at] != row:
-            at = (at + 1) & mask
-        if keys[at] == -1:
-            keys[at] = row
-            slots[at] = count
-            unique[count] = row
-            cursor[count] = at
-            starts[count + 1] = 0
+            return -1 - i
+        part_starts[(row >> shift) + 1] += 1
+    for p in range(parts):
+        part_starts[p + 1] += part_starts[p]
+    cursor = part_starts[:parts].copy()
+    for i in range(rows.size):
+        p = rows[i] >> shift
+        part_order[cursor[p]] = i
+        cursor[p] += 1
+    return 0
+
+
+@jit
+def _group_task(rows: Any, part_order: Any, lo: int, hi: int, shift: int, task: int,
+                scratch: Any, hist: Any) -> int:
+    """Group the lookups ``part_order[lo:hi]`` (one task's) by row; return the number of
+    distinct rows.
+
+    Afterwards, for ``j < count``: ``scratch[2, j]`` is the ``j``-th distinct row, in
+    ascending order, and ``scratch[4, scratch[3, j]:scratch[3, j + 1]]`` are its lookups,
+    ascending. The sort keys are ``(row's low bits << 32) | lookup``, radix-sorted
+    on the row bits in ``scratch[0]`` and ``scratch[1]``.
+    """
+    n = hi - lo
+    src, dst = scratch[0], scratch[1]
+    low_mask = (1 << shift) - 1
+    for i in range(n):
+        lookup = part_order[lo + i]
+        src[i] = ((rows[lookup] & low_mask) << LOOKUP_BITS) | lookup
+    passes = (shift + DIGIT_BITS - 1) // DIGIT_BITS
+    if n > 1 and passes:
+        digit = (shift + passes - 1) // passes
+        buckets = 1 << digit
+        for p in range(passes):
+            at = LOOKUP_BITS + p * digit
+            hist[:buckets] = 0
+            for i in range(n):
+                hist[(src[i] >> at) & (buckets - 1)] += 1
+            if hist[(src[0] >> at) & (buckets - 1)] == n:
+                continue  # every key has this digit: the pass would not move anything
+            total = 0
+            for b in range(buckets):
+                size = hist[b]
+                hist[b] = total
+                total += size
+            for i in range(n):
+                key = src[i]
+                b = (key >> at) & (buckets - 1)
+                dst[hist[b]] = key
+                hist[b] += 1
+            src, dst = dst, src
+    unique, starts, order = scratch[2], scratch[3], scratch[4]
+    base = task << shift
+    lookup_mask = (1 << LOOKUP_BITS) - 1
+    count = 0
+    previous = -1
+    for i in range(n):
+        key = src[i]
+        low = key >> LOOKUP_BITS
+        if low != previous:
+            unique[count] = base | low
+            starts[count] = i
             count += 1
-        j = slots[at]
-        inverse[i] = j
-        starts[j + 1] += 1
-    for j in range(count):  # leave the table empty for the next call
-        keys[cursor[j]] = -1
-    if bad >= 0:
-        return -1 - bad
-    for j in range(count):  # lookups per row -> where each row's lookups start
-        starts[j + 1] += starts[j]
-        cursor[j] = starts[j]
-    for i in range(rows.size):  # a stable counting sort of the lookups by row
-        j = inverse[i]
-        order[cursor[j]] = i
-        cursor[j] += 1
+            previous = low
+        order[i] = key & lookup_mask
+    starts[count] = n
     return count
-
-
-# Each update kernel starts distinct row j by prefetching the parameter and state
-# rows PREFETCH_ROWS distinct rows ahead; then it sums the row's lookups, in
-# lookup order (prefetching values PREFETCH_LOOKUPS lookups ahead), into `grad`,
-# a row-sized buffer that stays in L1, and updates the row in place. The summing
-# loop is written out in each kernel: a helper taking arrays measured 1.6-2x slower
-# per row.
 
 
 @jit
@@ -149,6 +207,24 @@ def _prefetch_row(table: Any, row: Any, width: Any, line: Any) -> None:
     """Ask for every cache line of ``table[row]`` ahead of its use."""
     for c in range(0, width, line):
         _prefetch(table, row, c)
+
+
+@jit
+def _prefetch_first(table: Any, unique: Any, lo: int, hi: int) -> None:
+    """Prefetch the rows of the first :data:`PREFETCH_ROWS` distinct rows of ``lo..hi``
+    (the update loop prefetches the others, that many rows ahead)."""
+    width = table.shape[1]
+    line = max(1, 64 // table.itemsize)
+    for j in range(lo, min(hi, lo + PREFETCH_ROWS)):
+        _prefetch_row(table, unique[j], width, line)
+
+
+# Each update kernel prefetches the rows of its first distinct rows; then, for
+# distinct row j, the parameter and state rows PREFETCH_ROWS distinct rows ahead.
+# It sums the row's lookups, in lookup order (prefetching values PREFETCH_LOOKUPS
+# lookups ahead), into `grad`, a row-sized buffer that stays in L1, and updates the
+# row in place. The summing loop is written out in each kernel: a helper taking
+# arrays measured 1.6-2x slower per row.
 
 
 @jit
@@ -161,6 +237,8 @@ def _adagrad_rows(param: Any, state_sum: Any, values: Any, unique: Any, starts: 
     line = max(1, 64 // param.itemsize)
     grad = np.empty(width, param.dtype)
     end = starts[hi]  # the lookups of rows lo..hi are order[starts[lo]:end]
+    _prefetch_first(param, unique, lo, hi)
+    _prefetch_first(state_sum, unique, lo, hi)
     for j in range(lo, hi):
         if j + PREFETCH_ROWS < hi:
             ahead = unique[j + PREFETCH_ROWS]
@@ -198,6 +276,9 @@ def _sparse_adam_rows(param: Any, exp_avg: Any, exp_avg_sq: Any, values: Any, un
     line = max(1, 64 // param.itemsize)
     grad = np.empty(width, param.dtype)
     end = starts[hi]  # the lookups of rows lo..hi are order[starts[lo]:end]
+    _prefetch_first(param, unique, lo, hi)
+    _prefetch_first(exp_avg, unique, lo, hi)
+    _prefetch_first(exp_avg_sq, unique, lo, hi)
     for j in range(lo, hi):
         if j + PREFETCH_ROWS < hi:
             ahead = unique[j + PREFETCH_ROWS]
@@ -240,6 +321,9 @@ def _ftrl_rows(param: Any, z: Any, n: Any, values: Any, unique: Any, starts: Any
     line = max(1, 64 // param.itemsize)
     grad = np.empty(width, param.dtype)
     end = starts[hi]  # the lookups of rows lo..hi are order[starts[lo]:end]
+    _prefetch_first(param, unique, lo, hi)
+    _prefetch_first(z, unique, lo, hi)
+    _prefetch_first(n, unique, lo, hi)
     for j in range(lo, hi):
         if j + PREFETCH_ROWS < hi:
             ahead = unique[j + PREFETCH_ROWS]
@@ -292,6 +376,8 @@ def _rowwise_adagrad_rows(param: Any, state_sum: Any, values: Any, unique: Any, 
     line = max(1, 64 // param.itemsize)
     grad = np.empty(width, param.dtype)
     end = starts[hi]  # the lookups of rows lo..hi are order[starts[lo]:end]
+    _prefetch_first(param, unique, lo, hi)
+    _prefetch_first(state_sum, unique, lo, hi)
     for j in range(lo, hi):
         if j + PREFETCH_ROWS < hi:
             ahead = unique[j + PREFETCH_ROWS]
@@ -346,73 +432,79 @@ def _rowwise_adagrad_rows(param: Any, state_sum: Any, values: Any, unique: Any, 
             counts[row] += 1
 
 
-# ----------------------------------------------------------------- the steps
-# One call per thread: each claims chunks of the distinct rows (``bounds``) until
-# none is left, updates them, and returns how many it did (the caller need not
-# wait for a thread that started too late to get one). Claiming inside the
-# compiled code keeps the GIL out of the loop: threads that came back to Python
-# between chunks would queue for it, one behind the other.
 
 
+# ------------------------------------------------------------------ the step
 @jit
-def adagrad(param: Any, state_sum: Any, values: Any, unique: Any, starts: Any, order: Any,
-            bounds: Any, claim: Any, minus_clr: Any, eps: Any, sign: Any,
-            counts: Any) -> int:
-    """Adagrad's sparse step on the chunks of distinct rows this thread claims."""
+def run(frame: Any, witness: Any) -> int:
+    """One thread's share of the step ``frame`` describes; returns how many tasks it did.
+
+    Every thread of the step calls it once: it takes a scratch slot, then claims
+    tasks (``frame[CLAIMS]``: slot and task counters) until none is left, and for
+    each groups the task's lookups and updates its distinct rows with kernel
+    ``frame[KERNEL]``. ``witness`` (a zero of the tables' dtype) types the tables.
+    Claiming inside the compiled code keeps the GIL out of the loop.
+    """
+    index = np.int64(0)
+    num_rows, width, lookups = frame[NUM_ROWS], frame[WIDTH], frame[LOOKUPS]
+    kernel = frame[KERNEL]
+    state_width = 1 if kernel == ROWWISE_ADAGRAD else width
+    param = carray(_pointer(frame[TABLE0], witness), (num_rows, width))
+    table1 = carray(_pointer(frame[TABLE1], witness), (num_rows, state_width))
+    table2 = carray(_pointer(frame[TABLE2], witness), (num_rows, state_width))
+    values = carray(_pointer(frame[VALUES], witness), (lookups, width))
+    floats = carray(_pointer(frame[FLOATS], witness), (8,))
+    rows = carray(_pointer(frame[IDS], index), (lookups,))
+    parts = frame[NUM_PARTS]
+    part_starts = carray(_pointer(frame[PARTS], index), (parts + 1,))
+    part_order = carray(_pointer(frame[PART_ORDER], index), (lookups,))
+    scratch = carray(_pointer(frame[SCRATCH], index),
+                     (frame[SLOTS], SCRATCH_ARRAYS, lookups + 1))
+    hist = carray(_pointer(frame[HIST], index), (frame[SLOTS], 1 << DIGIT_BITS))
+    claims = carray(_pointer(frame[CLAIMS], index), (2,))
+    counts = carray(_pointer(frame[COUNTS], index), (frame[NUM_COUNTS],))
+    slot = _claim(claims, 0)
+    mine = scratch[slot]
+    unique, starts, order = mine[2], mine[3], mine[4]
     done = 0
     while True:
-        chunk = _claim(claim)
-        if chunk >= bounds.size - 1:
+        task = _claim(claims, 1)
+        if task >= parts:
             return done
         done += 1
-        _adagrad_rows(param, state_sum, values, unique, starts, order, bounds[chunk],
-                      bounds[chunk + 1], minus_clr, eps, sign, counts)
+        lo, hi = part_starts[task], part_starts[task + 1]
+        if hi == lo:
+            continue
+        count = _group_task(rows, part_order, lo, hi, frame[SHIFT], task, mine, hist[slot])
+        if kernel == ADAGRAD:
+            _adagrad_rows(param, table1, values, unique, starts, order, 0, count, floats[0],
+                          floats[1], floats[2], counts)
+        elif kernel == SPARSE_ADAM:
+            _sparse_adam_rows(param, table1, table2, values, unique, starts, order, 0, count,
+                              floats[0], floats[1], floats[2], floats[3], floats[4], counts)
+        elif kernel == FTRL:
+            _ftrl_rows(param, table1, table2, values, unique, starts, order, 0, count,
+                       floats[0], floats[1], floats[2], floats[3], floats[4], counts)
+        else:
+            _rowwise_adagrad_rows(param, table1, values, unique, starts, order, 0, count,
+                                  floats[0], floats[1], floats[2], frame[MODE], floats[3],
+                                  floats[4], floats[5], floats[6], counts)
 
 
-@jit
-def sparse_adam(param: Any, exp_avg: Any, exp_avg_sq: Any, values: Any, unique: Any,
-                starts: Any, order: Any, bounds: Any, claim: Any, one_minus_beta1: Any,
-                one_minus_beta2: Any, eps: Any, minus_step_size: Any, sign: Any,
-                counts: Any) -> int:
-    """SparseAdam's step on the chunks of distinct rows this thread claims."""
-    done = 0
-    while True:
-        chunk = _claim(claim)
-        if chunk >= bounds.size - 1:
-            return done
-        done += 1
-        _sparse_adam_rows(param, exp_avg, exp_avg_sq, values, unique, starts, order,
-                          bounds[chunk], bounds[chunk + 1], one_minus_beta1, one_minus_beta2,
-                          eps, minus_step_size, sign, counts)
+def _team_body(address: Any) -> None:
+    frame = carray(address, (FRAME_SIZE,), np.int64)
+    if frame[DTYPE] == 4:
+        run(frame, np.float32(0))
+    else:
+        run(frame, np.float64(0))
 
 
-@jit
-def ftrl(param: Any, z: Any, n: Any, values: Any, unique: Any, starts: Any, order: Any,
-         bounds: Any, claim: Any, lr: Any, inverse_lr: Any, shift: Any, l1: Any, sign: Any,
-         counts: Any) -> int:
-    """FTRL's sparse step on the chunks of distinct rows this thread claims."""
-    done = 0
-    while True:
-        chunk = _claim(claim)
-        if chunk >= bounds.size - 1:
-            return done
-        done += 1
-        _ftrl_rows(param, z, n, values, unique, starts, order, bounds[chunk],
-                   bounds[chunk + 1], lr, inverse_lr, shift, l1, sign, counts)
+_TEAM: list[Any] = []
 
 
-@jit
-def rowwise_adagrad(param: Any, state_sum: Any, values: Any, unique: Any, starts: Any,
-                    order: Any, bounds: Any, claim: Any, lr: Any, eps: Any, weight_decay: Any,
-                    mode: int, sign: Any, zero: Any, one: Any, row_size: Any,
-                    counts: Any) -> int:
-    """Row-wise Adagrad's sparse step on the chunks of distinct rows this thread claims."""
-    done = 0
-    while True:
-        chunk = _claim(claim)
-        if chunk >= bounds.size - 1:
-            return done
-        done += 1
-        _rowwise_adagrad_rows(param, state_sum, values, unique, starts, order, bounds[chunk],
-                              bounds[chunk + 1], lr, eps, weight_decay, mode, sign, zero, one,
-                              row_size, counts)
+def team_entry() -> int:
+    """The address of ``void entry(int64 *frame)``, which runs :func:`run` on the frame
+    (for ``GOMP_parallel``: each thread of the team calls it). Compiled on first use."""
+    if not _TEAM:
+        _TEAM.append(numba.cfunc(types.void(types.voidptr), cache=True)(_team_body))
+    return int(_TEAM[0].address)
