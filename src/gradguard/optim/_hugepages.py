@@ -61,9 +61,11 @@ def advise(tensor: torch.Tensor) -> bool:
         return False
     storage = tensor.untyped_storage()
     start, nbytes = storage.data_ptr(), storage.nbytes()
+    key = (start, nbytes)
+    if key in _advised:  # every sparse step asks again: answer without the lock
+        return True
     if nbytes < MIN_BYTES:
         return False
-    key = (start, nbytes)
     with _lock:
         if key in _advised:
             return True

@@ -208,12 +208,11 @@ def use_kernel(group: dict[str, Any], *tables: Tensor) -> bool:
 
 class _Workspace:
     """Scratch for a compiled sparse step, kept between steps (allocating and faulting in
-    megabytes per step costs more than the step), and the step's frame."""
+    megabytes per step costs more than the step)."""
 
     def __init__(self) -> None:
         import numpy as np
 
-        self.frame = np.zeros(kernels().FRAME_SIZE, np.int64)
         self.part_starts = np.empty(0, np.int64)
         self.part_order = np.empty(0, np.int64)
         self.scratch = np.empty((0, 0, 0), np.int64)
@@ -281,8 +280,8 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
                          "compiled kernels (at most 2**32 - 1); use impl='reference'")
     dtype = tables[0].dtype
     module = kernels()
-    rows = grad.rows.detach().contiguous().numpy()
-    values = grad.values.detach().to(dtype).contiguous().numpy()
+    rows = grad.rows.contiguous().numpy()
+    values = grad.values.to(dtype).contiguous().numpy()
     for table in tables:
         hugepages.advise(table)
     threads = max(1, min(torch.get_num_threads(), lookups // ROWS_PER_THREAD))
@@ -304,21 +303,16 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
         if bad < 0:
             raise IndexError(f"sparse gradient row {int(rows[-1 - bad])} is out of range "
                              f"for {grad.num_rows} rows")
-        pointers = [t.detach().data_ptr() for t in tables]
+        pointers = [t.data_ptr() for t in tables]
         pointers += pointers[-1:] * (3 - len(pointers))  # unused table slots: any valid one
-        frame = work.frame
-        frame[module.KERNEL] = KERNEL_NUMBERS[name]
-        frame[module.NUM_ROWS], frame[module.WIDTH] = grad.num_rows, values.shape[1]
-        frame[module.TABLE0:module.TABLE2 + 1] = pointers
-        frame[module.VALUES], frame[module.LOOKUPS] = values.ctypes.data, lookups
-        frame[module.IDS] = rows.ctypes.data
-        frame[module.PARTS], frame[module.NUM_PARTS] = work.part_starts.ctypes.data, 1 << bits
-        frame[module.PART_ORDER], frame[module.SHIFT] = work.part_order.ctypes.data, shift
-        frame[module.SCRATCH], frame[module.SLOTS] = work.scratch.ctypes.data, threads
-        frame[module.HIST], frame[module.CLAIMS] = work.hist.ctypes.data, claims.ctypes.data
-        frame[module.FLOATS], frame[module.MODE] = floats.ctypes.data, mode
-        frame[module.COUNTS], frame[module.NUM_COUNTS] = counts_array.ctypes.data, counts_array.size
-        frame[module.DTYPE] = floats.itemsize
+        # the fields in _sparse_kernels' frame order (KERNEL, NUM_ROWS, ... DTYPE)
+        frame = np.array([KERNEL_NUMBERS[name], grad.num_rows, values.shape[1], *pointers,
+                          values.ctypes.data, lookups, rows.ctypes.data,
+                          work.part_starts.ctypes.data, 1 << bits, work.part_order.ctypes.data,
+                          shift, work.scratch.ctypes.data, threads, work.hist.ctypes.data,
+                          claims.ctypes.data, floats.ctypes.data, mode,
+                          counts_array.ctypes.data, counts_array.size, floats.itemsize],
+                         np.int64)
         _run_on_threads(module, frame, floats[:1], claims, threads, 1 << bits)
         if counts is not None and not per_row:  # several sparse dims: count dim-0 rows
             count_touched(counts, torch.unique(grad.rows), grad.num_rows)
