@@ -13,28 +13,34 @@ cache. In interleaved repetitions, on the same table:
   kernel when numba is installed) and ``Adagrad`` with ``impl="reference"``
   (the torch-ops path).
 
-Printed per distribution: median step times; the speed-up over torch's sparse
-and dense fused steps (goal: >= 10x over the sparse step for Adagrad and
-RowWiseAdagrad on both distributions); the bytes a step must touch (the touched
-rows of the table and state read and written, the gradient's values and ids
-read; the whole table, gradient and state for the dense step) per second, as a
-fraction of the machine's memory-bandwidth ceiling measured in the same run
-(best in-place streaming kernel over arrays of the table's size, all threads:
-a sequential ceiling, which random rows cannot reach); and each optimizer's
-state bytes. The methods run in a rotating order, so each follows every other.
+Printed per distribution: median step times (and the median of the steps that
+directly follow the dense step, whose 2.5 GB leave every cache cold); the
+speed-up over torch's sparse and dense fused steps (goal: >= 10x over the
+sparse step for Adagrad and RowWiseAdagrad on both distributions); the bytes a
+step must touch (the touched rows of the table and state read and written, the
+gradient's values and ids read; the whole table, gradient and state for the
+dense step) per second, as a fraction of the machine's memory-bandwidth ceiling
+measured in the same run (best in-place streaming kernel over arrays of the
+table's size, all threads: a sequential ceiling, which random rows cannot
+reach); and each optimizer's state bytes. The methods run in a different order
+each repetition, chosen so that over every ``4 * 5 = 20`` repetitions each
+method directly follows each other one equally often (what ran before a step
+matters: the dense step streams 2.5 GB through the caches).
 
 Run: ``.venv/bin/python benchmarks/embedding_step.py [--rows 2e6] [--dim 64]
-[--lookups 20000] [--reps 15] [--zipf 1.1]``
+[--lookups 20000] [--reps 20] [--zipf 1.1]``
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -74,6 +80,21 @@ def zipf_sampler(rows: int, exponent: float, size: int, gen: torch.Generator,
     return draw
 
 
+def balanced_order(items: list[Any], rep: int) -> list[Any]:
+    """The order of repetition ``rep``: ``items[(start + i * stride) % n]``.
+
+    ``start`` cycles fastest, then ``stride`` over the numbers coprime with ``n``.
+    With ``n`` prime (5 methods) the item after ``x`` is ``x + stride``, so over
+    ``n * (n - 1)`` repetitions every item directly follows every other one equally
+    often (a plain rotation keeps one cyclic order: a method would always follow
+    the same one).
+    """
+    n = len(items)
+    strides = [k for k in range(1, n) if math.gcd(k, n) == 1] or [1]
+    start, stride = rep % n, strides[(rep // n) % len(strides)]
+    return [items[(start + i * stride) % n] for i in range(n)]
+
+
 @dataclass
 class Method:
     label: str
@@ -101,7 +122,7 @@ def main() -> None:
     parser.add_argument("--rows", type=float, default=2e6)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--lookups", type=int, default=20_000)
-    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -142,12 +163,11 @@ def main() -> None:
     for distribution, draw in draws.items():
         times: dict[str, list[float]] = {m.label: [] for m in methods}
         traffic: dict[str, list[int]] = {m.label: [] for m in methods}
+        after_dense: dict[str, list[float]] = {m.label: [] for m in methods}
         distinct: list[int] = []
+        previous: Method | None = None
         for rep in range(args.reps + 2):  # the first two warm up (kernel compilation, caches)
-            # a different order each repetition: each method follows each other one
-            # (the dense step flushes the caches; torch's OpenMP workers spin after it)
-            start = rep % len(methods)
-            for method in methods[start:] + methods[:start]:
+            for method in balanced_order(methods, rep):
                 ids = draw()
                 if method.dense:
                     table.grad = dense_grad
@@ -159,16 +179,19 @@ def main() -> None:
                 table.grad = None
                 if rep >= 2:
                     times[method.label].append(elapsed)
+                    if previous is not None and previous.dense:
+                        after_dense[method.label].append(elapsed)
                     traffic[method.label].append(touched_bytes(method, ids, rows, dim))
                     if method is methods[0]:
                         distinct.append(int(torch.unique(ids).numel()))
+                previous = method
         median = {label: statistics.median(ts) for label, ts in times.items()}
         sparse_peer, dense_peer = median[methods[0].label], median[methods[1].label]
         print(f"ids: {distribution}, {statistics.median(distinct):,.0f} distinct rows per step "
               f"(median)")
         header = (f"{'optimizer':<32} {'step ms':>8} {'vs torch sparse':>16} "
                   f"{'vs dense fused':>15} {'touched MB':>11} {'GB/s':>6} {'of ceiling':>10} "
-                  f"{'state MiB':>10}")
+                  f"{'state MiB':>10} {'after dense ms':>15}")
         print(header)
         print("-" * len(header))
         for method in methods:
@@ -177,7 +200,8 @@ def main() -> None:
             speedups[(method.label, distribution)] = sparse_peer / step
             print(f"{method.label:<32} {step * 1e3:8.2f} {sparse_peer / step:15.1f}x "
                   f"{dense_peer / step:14.1f}x {moved / 1e6:11.1f} {moved / step / 1e9:6.1f} "
-                  f"{moved / step / ceiling:10.1%} {state_bytes(method.optimizer) / 2**20:10.1f}")
+                  f"{moved / step / ceiling:10.1%} {state_bytes(method.optimizer) / 2**20:10.1f} "
+                  f"{statistics.median(after_dense[method.label] or [math.nan]) * 1e3:15.2f}")
         print()
 
     print(f"speed-up over torch.optim.Adagrad's sparse step (goal >= {GOAL:g}x on both "

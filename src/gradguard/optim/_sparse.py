@@ -215,6 +215,7 @@ class _Workspace:
 
         self.part_starts = np.empty(0, np.int64)
         self.part_order = np.empty(0, np.int64)
+        self.task_order = np.empty(0, np.int64)
         self.scratch = np.empty((0, 0, 0), np.int64)
         self.hist = np.empty((0, 0), np.int64)
 
@@ -225,6 +226,7 @@ class _Workspace:
         module = kernels()
         if self.part_starts.size < parts + 1:
             self.part_starts = np.empty(parts + 1, np.int64)
+            self.task_order = np.empty(parts, np.int64)
         if self.part_order.size < lookups:
             self.part_order = np.empty(lookups, np.int64)
         if self.scratch.shape[0] < slots or self.scratch.shape[2] < lookups + 1:
@@ -299,7 +301,8 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
         work = _WORKSPACE[0]
         work.prepare(lookups, 1 << bits, threads)
         bad = module.partition_lookups(rows, grad.num_rows, shift,
-                                       work.part_starts[:(1 << bits) + 1], work.part_order)
+                                       work.part_starts[:(1 << bits) + 1], work.part_order,
+                                       work.task_order[:1 << bits])
         if bad < 0:
             raise IndexError(f"sparse gradient row {int(rows[-1 - bad])} is out of range "
                              f"for {grad.num_rows} rows")
@@ -309,8 +312,8 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
         frame = np.array([KERNEL_NUMBERS[name], grad.num_rows, values.shape[1], *pointers,
                           values.ctypes.data, lookups, rows.ctypes.data,
                           work.part_starts.ctypes.data, 1 << bits, work.part_order.ctypes.data,
-                          shift, work.scratch.ctypes.data, threads, work.hist.ctypes.data,
-                          claims.ctypes.data, floats.ctypes.data, mode,
+                          work.task_order.ctypes.data, shift, work.scratch.ctypes.data, threads,
+                          work.hist.ctypes.data, claims.ctypes.data, floats.ctypes.data, mode,
                           counts_array.ctypes.data, counts_array.size, floats.itemsize],
                          np.int64)
         _run_on_threads(module, frame, floats[:1], claims, threads, 1 << bits)

@@ -57,9 +57,9 @@ LOOKUP_BITS = 32
 
 # The frame: one int64 array describing a step, read by every thread's `run`.
 KERNEL, NUM_ROWS, WIDTH, TABLE0, TABLE1, TABLE2, VALUES, LOOKUPS, IDS = range(9)
-PARTS, NUM_PARTS, PART_ORDER, SHIFT, SCRATCH, SLOTS, HIST, CLAIMS = range(9, 17)
-FLOATS, MODE, COUNTS, NUM_COUNTS, DTYPE = range(17, 22)
-FRAME_SIZE = 22
+PARTS, NUM_PARTS, PART_ORDER, TASK_ORDER, SHIFT, SCRATCH, SLOTS, HIST = range(9, 17)
+CLAIMS, FLOATS, MODE, COUNTS, NUM_COUNTS, DTYPE = range(17, 23)
+FRAME_SIZE = 23
 ADAGRAD, SPARSE_ADAM, FTRL, ROWWISE_ADAGRAD = range(4)
 """Kernel numbers (``frame[KERNEL]``)."""
 SCRATCH_ARRAYS = 5
@@ -121,12 +121,15 @@ def _pointer(typingctx: Any, address: Any, witness: Any) -> Any:
 
 @jit
 def partition_lookups(rows: Any, num_rows: int, shift: int, part_starts: Any,
-                      part_order: Any) -> int:
+                      part_order: Any, task_order: Any) -> int:
     """Split the lookups into tasks by ``row >> shift``; return ``-1 - i`` for the first
     lookup ``i`` whose row is outside ``[0, num_rows)`` (nothing else done), else 0.
 
     Afterwards the lookups of task ``p`` are ``part_order[part_starts[p]:part_starts[p + 1]]``,
-    ascending (a stable counting sort; ``part_starts`` has one entry per task, plus one).
+    ascending (a stable counting sort; ``part_starts`` has one entry per task, plus one),
+    and ``task_order`` lists the tasks largest first: the threads take them in that
+    order, so that the step does not end waiting for a large task taken last (with
+    Zipf-distributed ids the task holding the hottest row has thousands of lookups more).
     """
     parts = part_starts.size - 1
     part_starts[:] = 0
@@ -142,6 +145,7 @@ def partition_lookups(rows: Any, num_rows: int, shift: int, part_starts: Any,
         p = rows[i] >> shift
         part_order[cursor[p]] = i
         cursor[p] += 1
+    task_order[:] = np.argsort(part_starts[:parts] - part_starts[1:], kind="mergesort")
     return 0
 
 
@@ -458,6 +462,7 @@ def run(frame: Any, witness: Any) -> int:
     parts = frame[NUM_PARTS]
     part_starts = carray(_pointer(frame[PARTS], index), (parts + 1,))
     part_order = carray(_pointer(frame[PART_ORDER], index), (lookups,))
+    task_order = carray(_pointer(frame[TASK_ORDER], index), (parts,))
     scratch = carray(_pointer(frame[SCRATCH], index),
                      (frame[SLOTS], SCRATCH_ARRAYS, lookups + 1))
     hist = carray(_pointer(frame[HIST], index), (frame[SLOTS], 1 << DIGIT_BITS))
@@ -468,10 +473,11 @@ def run(frame: Any, witness: Any) -> int:
     unique, starts, order = mine[2], mine[3], mine[4]
     done = 0
     while True:
-        task = _claim(claims, 1)
-        if task >= parts:
+        claimed = _claim(claims, 1)
+        if claimed >= parts:
             return done
         done += 1
+        task = task_order[claimed]
         lo, hi = part_starts[task], part_starts[task + 1]
         if hi == lo:
             continue
