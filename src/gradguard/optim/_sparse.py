@@ -13,11 +13,13 @@ Each sparse-capable optimizer has two paths that compute the same numbers:
   touched rows of the parameter and its state, the update on the gathered rows,
   ``index_copy_`` back. Written next to each algorithm's dense path;
 * **compiled CPU kernels** (:mod:`gradguard.optim._sparse_kernels`, numba:
-  ``pip install gradguard[fast]``): a hash table finds the distinct rows in one
-  pass over the lookups (no sort) and sums the duplicates, then one pass updates
-  each touched row in place, prefetching ahead, on up to
-  ``torch.get_num_threads()`` threads. float32/float64 CPU tensors whose
-  state has the parameter's dtype; anything else takes the torch ops.
+  ``pip install gradguard[fast]``): the lookups are split into row ranges
+  (tasks), which up to ``torch.get_num_threads()`` threads take, largest first,
+  on torch's own OpenMP team when torch has one; each task is sorted by row
+  (radix sort), then each distinct row's lookups are summed and the row updated
+  in place, in ascending row order, prefetching ahead. float32/float64 CPU
+  tensors whose state has the parameter's dtype; anything else takes the torch
+  ops.
 """
 
 from __future__ import annotations
@@ -383,7 +385,7 @@ def _find_gomp_parallel() -> Any:
     for library in [*libraries, None]:
         try:
             function = ctypes.CDLL(library).GOMP_parallel
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, TypeError):  # TypeError: CDLL(None) on Windows
             continue
         function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
         function.restype = None

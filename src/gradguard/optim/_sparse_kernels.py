@@ -6,18 +6,18 @@ gradguard``. A sparse step:
 1. :func:`partition_lookups` (one thread) checks every row is in range and splits
    the lookups into ``2**bits`` *tasks* by the top bits of their row (a counting
    sort on a few dozen buckets: two passes over the ids, nothing else touched);
-2. :func:`run` is entered once by each thread of the step, on torch's own
-   OpenMP team (:data:`team_entry`, started with ``GOMP_parallel``, so the step
-   neither waits for new threads nor competes with torch's idle workers for the
-   cores) or else on a thread pool. Each thread claims tasks with an atomic
-   counter until none is left, so that a late or preempted thread delays the
-   step by one task only. For a task it sorts the task's lookups by row (a stable
-   LSD radix sort, in scratch that stays in L1/L2), so that the distinct rows come
-   out ascending, each with its lookups in lookup order; then, for each distinct
-   row, it sums the values of the row's lookups (duplicates are coalesced here)
-   and updates the row of the parameter and its state in place
-   (:func:`_adagrad_rows`, :func:`_sparse_adam_rows`, :func:`_ftrl_rows`,
-   :func:`_rowwise_adagrad_rows`), prefetching rows and values ahead.
+2. :func:`run` is entered once by each thread of the step, on torch's own OpenMP
+   team (:func:`team_entry`, started with ``GOMP_parallel``, so the step neither
+   waits for new threads nor competes with torch's idle workers for the cores) or
+   else on a thread pool. Each thread claims tasks, largest first, with an atomic
+   counter until none is left, so that a late or preempted thread delays the step by
+   one task only. For a task it sorts the task's lookups by row (a stable LSD radix
+   sort, in scratch that stays in L1/L2), so that the distinct rows come out
+   ascending, each with its lookups in lookup order; then, for each distinct row, it
+   sums the values of the row's lookups (duplicates are coalesced here) and updates
+   the row of the parameter and its state in place (:func:`_adagrad_rows`,
+   :func:`_sparse_adam_rows`, :func:`_ftrl_rows`, :func:`_rowwise_adagrad_rows`),
+   prefetching rows and values ahead.
 
 Ascending rows matter on large tables: consecutive rows share pages, so a step
 walks the page tables once per page rather than once per row, and the memory
