@@ -246,9 +246,6 @@ TASKS_PER_THREAD = 8
 claimed as threads come free, so that a thread the OS preempts delays the step by
 a small task only, and a task's sort scratch stays in L1/L2."""
 
-KERNEL_NUMBERS = {"adagrad": 0, "sparse_adam": 1, "ftrl": 2, "rowwise_adagrad": 3}
-"""``_sparse_kernels``' kernel numbers (``ADAGRAD``, ...) by name."""
-
 _WORKSPACE: list[_Workspace] = []
 _STEP_LOCK = threading.Lock()  # the workspace serves one step at a time
 
@@ -310,14 +307,14 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
                              f"for {grad.num_rows} rows")
         pointers = [t.data_ptr() for t in tables]
         pointers += pointers[-1:] * (3 - len(pointers))  # unused table slots: any valid one
-        # the fields in _sparse_kernels' frame order (KERNEL, NUM_ROWS, ... DTYPE)
-        frame = np.array([KERNEL_NUMBERS[name], grad.num_rows, values.shape[1], *pointers,
+        # the fields in _sparse_kernels' frame order (KERNEL, NUM_ROWS, ... NUM_COUNTS)
+        frame = np.array([module.KERNELS[name], grad.num_rows, values.shape[1],
+                          tables[1].shape[1], *pointers,
                           values.ctypes.data, lookups, rows.ctypes.data,
                           work.part_starts.ctypes.data, 1 << bits, work.part_order.ctypes.data,
                           work.task_order.ctypes.data, shift, work.scratch.ctypes.data, threads,
                           work.hist.ctypes.data, claims.ctypes.data, floats.ctypes.data, mode,
-                          counts_array.ctypes.data, counts_array.size, floats.itemsize],
-                         np.int64)
+                          counts_array.ctypes.data, counts_array.size], np.int64)
         _run_on_threads(module, frame, floats[:1], claims, threads, 1 << bits)
         if counts is not None and not per_row:  # several sparse dims: count dim-0 rows
             count_touched(counts, torch.unique(grad.rows), grad.num_rows)
@@ -328,7 +325,7 @@ def _run_on_threads(module: ModuleType, frame: Any, witness: Any, claims: Any, t
     """Each of ``threads`` threads runs ``module.run(frame)`` once; return when the step is done."""
     team = omp_parallel() if threads > 1 else None
     if team is not None:  # torch's OpenMP team: GOMP_parallel returns when all are done
-        team(module.team_entry(), frame.ctypes.data, threads, 0)
+        team(module.team_entry(witness.itemsize), frame.ctypes.data, threads, 0)
         return
     witness = witness[0]
     if threads == 1:

@@ -56,12 +56,14 @@ LOOKUP_BITS = 32
 """A sort key holds the row's low bits above the lookup number's 32 bits."""
 
 # The frame: one int64 array describing a step, read by every thread's `run`.
-KERNEL, NUM_ROWS, WIDTH, TABLE0, TABLE1, TABLE2, VALUES, LOOKUPS, IDS = range(9)
-PARTS, NUM_PARTS, PART_ORDER, TASK_ORDER, SHIFT, SCRATCH, SLOTS, HIST = range(9, 17)
-CLAIMS, FLOATS, MODE, COUNTS, NUM_COUNTS, DTYPE = range(17, 23)
+KERNEL, NUM_ROWS, WIDTH, STATE_WIDTH, TABLE0, TABLE1, TABLE2, VALUES, LOOKUPS = range(9)
+IDS, PARTS, NUM_PARTS, PART_ORDER, TASK_ORDER, SHIFT, SCRATCH, SLOTS = range(9, 17)
+HIST, CLAIMS, FLOATS, MODE, COUNTS, NUM_COUNTS = range(17, 23)
 FRAME_SIZE = 23
-ADAGRAD, SPARSE_ADAM, FTRL, ROWWISE_ADAGRAD = range(4)
-"""Kernel numbers (``frame[KERNEL]``)."""
+KERNELS = {"adagrad": 0, "sparse_adam": 1, "ftrl": 2, "rowwise_adagrad": 3}
+"""Kernel numbers (``frame[KERNEL]``) by name; ``frame[STATE_WIDTH]`` is 1 for
+``rowwise_adagrad``, else ``frame[WIDTH]``."""
+ADAGRAD, SPARSE_ADAM, FTRL = KERNELS["adagrad"], KERNELS["sparse_adam"], KERNELS["ftrl"]
 SCRATCH_ARRAYS = 5
 """Per-thread scratch rows: two sort buffers, then unique rows, starts, order."""
 
@@ -145,7 +147,16 @@ def partition_lookups(rows: Any, num_rows: int, shift: int, part_starts: Any,
         p = rows[i] >> shift
         part_order[cursor[p]] = i
         cursor[p] += 1
-    task_order[:] = np.argsort(part_starts[:parts] - part_starts[1:], kind="mergesort")
+    for p in range(parts):  # insertion sort by size, descending (a few dozen tasks)
+        size = part_starts[p + 1] - part_starts[p]
+        at = p
+        while at > 0:
+            before = task_order[at - 1]
+            if part_starts[before + 1] - part_starts[before] >= size:
+                break
+            task_order[at] = before
+            at -= 1
+        task_order[at] = p
     return 0
 
 
@@ -444,18 +455,17 @@ def run(frame: Any, witness: Any) -> int:
     """One thread's share of the step ``frame`` describes; returns how many tasks it did.
 
     Every thread of the step calls it once: it takes a scratch slot, then claims
-    tasks (``frame[CLAIMS]``: slot and task counters) until none is left, and for
-    each groups the task's lookups and updates its distinct rows with kernel
-    ``frame[KERNEL]``. ``witness`` (a zero of the tables' dtype) types the tables.
-    Claiming inside the compiled code keeps the GIL out of the loop.
+    tasks (``frame[CLAIMS]``: slot and task counters), largest first, until none is
+    left, and for each groups the task's lookups and updates its distinct rows
+    with kernel ``frame[KERNEL]``. ``witness`` (a zero of the tables' dtype) types
+    the tables. Claiming inside the compiled code keeps the GIL out of the loop.
     """
     index = np.int64(0)
     num_rows, width, lookups = frame[NUM_ROWS], frame[WIDTH], frame[LOOKUPS]
     kernel = frame[KERNEL]
-    state_width = 1 if kernel == ROWWISE_ADAGRAD else width
     param = carray(_pointer(frame[TABLE0], witness), (num_rows, width))
-    table1 = carray(_pointer(frame[TABLE1], witness), (num_rows, state_width))
-    table2 = carray(_pointer(frame[TABLE2], witness), (num_rows, state_width))
+    table1 = carray(_pointer(frame[TABLE1], witness), (num_rows, frame[STATE_WIDTH]))
+    table2 = carray(_pointer(frame[TABLE2], witness), (num_rows, frame[STATE_WIDTH]))
     values = carray(_pointer(frame[VALUES], witness), (lookups, width))
     floats = carray(_pointer(frame[FLOATS], witness), (8,))
     rows = carray(_pointer(frame[IDS], index), (lookups,))
@@ -497,20 +507,25 @@ def run(frame: Any, witness: Any) -> int:
                                   floats[4], floats[5], floats[6], counts)
 
 
-def _team_body(address: Any) -> None:
-    frame = carray(address, (FRAME_SIZE,), np.int64)
-    if frame[DTYPE] == 4:
-        run(frame, np.float32(0))
-    else:
-        run(frame, np.float64(0))
+# GOMP_parallel takes a C function: one per dtype, compiled on first use. numba
+# caches compiled code of module-level functions only (not of closures), so both
+# are written out.
+def _entry32(frame: Any) -> None:
+    run(carray(frame, (FRAME_SIZE,), np.int64), np.float32(0))
 
 
-_TEAM: list[Any] = []
+def _entry64(frame: Any) -> None:
+    run(carray(frame, (FRAME_SIZE,), np.int64), np.float64(0))
 
 
-def team_entry() -> int:
-    """The address of ``void entry(int64 *frame)``, which runs :func:`run` on the frame
-    (for ``GOMP_parallel``: each thread of the team calls it). Compiled on first use."""
-    if not _TEAM:
-        _TEAM.append(numba.cfunc(types.void(types.voidptr), cache=True)(_team_body))
-    return int(_TEAM[0].address)
+_ENTRY_BODIES = {4: _entry32, 8: _entry64}
+_ENTRIES: dict[int, Any] = {}  # the compiled cfuncs: their code lives as long as they do
+
+
+def team_entry(itemsize: int) -> int:
+    """The address of ``void entry(int64 *frame)``, which runs :func:`run` on tables of
+    ``itemsize``-byte floats (for ``GOMP_parallel``: every thread of the team calls it)."""
+    if itemsize not in _ENTRIES:
+        _ENTRIES[itemsize] = numba.cfunc(types.void(types.voidptr),
+                                         cache=True)(_ENTRY_BODIES[itemsize])
+    return int(_ENTRIES[itemsize].address)
