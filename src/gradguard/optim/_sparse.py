@@ -192,13 +192,6 @@ def kernels() -> ModuleType:
     return module
 
 
-def scalar(dtype: torch.dtype, value: float) -> Any:
-    """``value`` as a numpy scalar of ``dtype``, so a kernel computes in the tensors' precision."""
-    import numpy as np
-
-    return np.float32(value) if dtype == torch.float32 else np.float64(value)
-
-
 def use_kernel(group: dict[str, Any], *tables: Tensor) -> bool:
     """Whether a group's sparse update runs the compiled kernel on ``tables``.
 
