@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +50,26 @@ def metric_series(run_dir: Path, name: str) -> dict[int, float]:
         if record["group"] == "all" and name in record["metrics"]:
             series[record["step"]] = float(record["metrics"][name])
     return series
+
+
+def kill_cli_when(args: Sequence[str], ready: Callable[[], bool], what: str, late: str,
+                  poll: float) -> None:
+    """Run ``python -m gradguard ARGS`` in a new session; once ``ready()`` holds (checked
+    every ``poll`` s, at most 100 s), SIGKILL its whole process group (workers
+    included: no goodbye) and reap it.
+
+    Fails with "``what`` ended before it could be killed" if it finishes first, and
+    with ``late`` if ``ready()`` does not hold in time.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "gradguard", *args],
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 100
+        while not ready():
+            assert proc.poll() is None, f"{what} ended before it could be killed"
+            assert time.monotonic() < deadline, late
+            time.sleep(poll)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +14,7 @@ from gradguard.cli import main
 from gradguard.compare import CompareError, CompareResult, parse_variants, run_compare
 from gradguard.run import config
 
-from .conftest import TARGET, digits_config, metric_series
+from .conftest import TARGET, digits_config, kill_cli_when, metric_series
 
 VARIANTS = ("adagrad", "adam", "sgd")
 SEEDS = (0, 1, 2)
@@ -128,18 +123,9 @@ def test_an_interrupted_compare_resumes_without_redoing_finished_runs(
     args = ["compare", str(cfg), "--optimizers", "adam,sgd", "--seeds", "2", "--output",
             str(out)]
     # two worker processes; the whole process group is killed once a run has finished
-    proc = subprocess.Popen([sys.executable, "-m", "gradguard", *args, "--workers", "2", "-q"],
-                            start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 100
-        while not list(out.glob("runs/*/seed-*/summary.json")):
-            assert proc.poll() is None, "the compare ended before it could be killed"
-            assert time.monotonic() < deadline, "no run finished in time"
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_cli_when([*args, "--workers", "2", "-q"],
+                  lambda: bool(list(out.glob("runs/*/seed-*/summary.json"))),
+                  "the compare", "no run finished in time", poll=0.02)
     finished = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed-*/summary.json")}
     started = [p.parent for p in out.glob("runs/*/seed-*/events.jsonl")
                if not (p.parent / "summary.json").exists()

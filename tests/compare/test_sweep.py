@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -19,7 +14,7 @@ from gradguard.compare import SweepError, load_space, run_sweep
 from gradguard.compare.sweep import EvalReporter, parse_space
 from gradguard.run import config
 
-from .conftest import digits_config
+from .conftest import digits_config, kill_cli_when
 
 SPACE = """
 [optimizer.lr]
@@ -90,19 +85,11 @@ def test_a_killed_sweep_continues_and_writes_a_best_config_that_trains(
     space.write_text(SPACE)
     out = tmp_path / "sweep"
     args = ["sweep", str(cfg), "--space", str(space), "--trials", "8", "--output", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "gradguard", *args, "-q"],
-                            start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     events = out / "trials" / "trial-0002" / "events.jsonl"
-    try:  # kill it (SIGKILL, no goodbye) while its third trial trains, past a checkpoint
-        deadline = time.monotonic() + 100
-        while not (events.exists() and '"event": "checkpoint"' in events.read_text()):
-            assert proc.poll() is None, "the sweep ended before it could be killed"
-            assert time.monotonic() < deadline, "the third trial did not start in time"
-            time.sleep(0.005)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # kill it (SIGKILL, no goodbye) while its third trial trains, past a checkpoint
+    kill_cli_when([*args, "-q"],
+                  lambda: events.exists() and '"event": "checkpoint"' in events.read_text(),
+                  "the sweep", "the third trial did not start in time", poll=0.005)
     with sqlite3.connect(out / "study.db") as db:  # the study is a plain SQLite file
         states = dict(db.execute("select number, state from trials").fetchall())
     assert states[2] == "RUNNING"
