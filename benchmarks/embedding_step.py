@@ -108,11 +108,12 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
                for v in s.values() if torch.is_tensor(v))
 
 
-def touched_bytes(method: Method, ids: torch.Tensor, rows: int, dim: int) -> int:
-    """Bytes a step must read and write: touched rows of table and state, values, ids."""
+def touched_bytes(method: Method, ids: torch.Tensor, distinct: int, rows: int,
+                  dim: int) -> int:
+    """Bytes a step must read and write: the ``distinct`` touched rows of table and state,
+    values, ids."""
     if method.dense:
         return rows * dim * 4 * 5  # read table, gradient, sum; write table, sum
-    distinct = int(torch.unique(ids).numel())
     per_row = dim * 4 * 2 + (4 * 2 if method.rowwise else dim * 4 * 2)
     return distinct * per_row + ids.numel() * (dim * 4 + 8)
 
@@ -181,9 +182,10 @@ def main() -> None:
                     times[method.label].append(elapsed)
                     if previous is not None and previous.dense:
                         after_dense[method.label].append(elapsed)
-                    traffic[method.label].append(touched_bytes(method, ids, rows, dim))
+                    touched = int(torch.unique(ids).numel())
+                    traffic[method.label].append(touched_bytes(method, ids, touched, rows, dim))
                     if method is methods[0]:
-                        distinct.append(int(torch.unique(ids).numel()))
+                        distinct.append(touched)
                 previous = method
         median = {label: statistics.median(ts) for label, ts in times.items()}
         sparse_peer, dense_peer = median[methods[0].label], median[methods[1].label]

@@ -308,19 +308,20 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
                           work.task_order.ctypes.data, shift, work.scratch.ctypes.data, threads,
                           work.hist.ctypes.data, claims.ctypes.data, floats.ctypes.data, mode,
                           counts_array.ctypes.data, counts_array.size], np.int64)
-        _run_on_threads(module, frame, floats[:1], claims, threads, 1 << bits)
+        _run_on_threads(module, frame, floats, claims, threads, 1 << bits)
         if counts is not None and not per_row:  # several sparse dims: count dim-0 rows
             count_touched(counts, torch.unique(grad.rows), grad.num_rows)
 
 
-def _run_on_threads(module: ModuleType, frame: Any, witness: Any, claims: Any, threads: int,
+def _run_on_threads(module: ModuleType, frame: Any, floats: Any, claims: Any, threads: int,
                     tasks: int) -> None:
-    """Each of ``threads`` threads runs ``module.run(frame)`` once; return when the step is done."""
+    """Each of ``threads`` threads runs ``module.run(frame)`` once; return when the step is
+    done. ``floats`` (the frame's scalars) gives the tables' dtype."""
     team = omp_parallel() if threads > 1 else None
     if team is not None:  # torch's OpenMP team: GOMP_parallel returns when all are done
-        team(module.team_entry(witness.itemsize), frame.ctypes.data, threads, 0)
+        team(module.team_entry(floats.itemsize), frame.ctypes.data, threads, 0)
         return
-    witness = witness[0]
+    witness = floats[0]
     if threads == 1:
         module.run(frame, witness)
         return
