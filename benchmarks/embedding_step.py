@@ -28,7 +28,7 @@ method directly follows each other one equally often (what ran before a step
 matters: the dense step streams 2.5 GB through the caches).
 
 Run: ``.venv/bin/python benchmarks/embedding_step.py [--rows 2e6] [--dim 64]
-[--lookups 20000] [--reps 20] [--zipf 1.1]``
+[--lookups 20000] [--reps 20] [--zipf 1.1] [--threads N]``
 """
 
 from __future__ import annotations
@@ -126,7 +126,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads for every method (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows, dim, lookups = int(args.rows), args.dim, args.lookups
     gen = torch.Generator().manual_seed(args.seed)
 

@@ -7,6 +7,7 @@ against the torch-ops path, per-row update counts, bad input.
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -215,6 +216,57 @@ def test_kernel_runs_on_several_threads_like_one(team: str,
     assert all(torch.equal(a, b) for a, b in zip(one, three, strict=True))
 
 
+@needs_kernels
+@pytest.mark.parametrize("team", ["openmp", "pool"])
+def test_kernel_refuses_the_first_out_of_range_row_on_several_threads(
+        team: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the threads check the ids slice by slice, together; the error names the first bad
+    # lookup's row (not the first one a thread happened to meet) and nothing is written
+    if team == "pool":
+        monkeypatch.setattr(_sparse, "omp_parallel", lambda: None)
+    monkeypatch.setattr(_sparse, "ROWS_PER_THREAD", 100)
+    monkeypatch.setattr(_sparse, "LOOKUPS_PER_SLICE", 64)  # 12 slices of 250 lookups
+    rows = 1_000
+    ids = torch.randint(0, rows, (3_000,), generator=torch.Generator().manual_seed(0))
+    ids[2_900], ids[1_234], ids[2_000] = -3, rows + 7, rows  # the first is lookup 1,234
+    table = torch.nn.Parameter(torch.randn(rows, 4, dtype=torch.float64))
+    opt = go.Adagrad([{"params": [table], "count_row_updates": True}], lr=0.1,
+                     initial_accumulator_value=0.5)
+    before = table.detach().clone()
+    table.grad = torch.sparse_coo_tensor(ids.unsqueeze(0), torch.ones(3_000, 4,
+                                                                      dtype=torch.float64),
+                                         (rows, 4), check_invariants=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with pytest.raises(IndexError, match=f"row {rows + 7} is out of range for {rows} rows"):
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(table, before)
+    assert torch.equal(opt.state[table]["sum"], torch.full((rows, 4), 0.5, dtype=torch.float64))
+    assert not opt.state[table]["row_update_count"].any()
+
+
+@needs_kernels
+def test_kernel_follows_state_replaced_by_load_state_dict() -> None:
+    # a step's frame is kept per set of tables (by address): state loaded into new
+    # tensors must be what the next steps update
+    ours, opt, ref, ref_opt = sparse_lockstep(lambda ps: go.Adagrad(ps, impl="auto"),
+                                              lambda ps: go.Adagrad(ps, impl="reference"), 10)
+    saved = copy.deepcopy(ref_opt.state_dict())
+    opt.load_state_dict(saved)
+    ref_opt.load_state_dict(saved)
+    stream = ZipfLookups(seed=5)
+    for t in range(10):
+        stream.apply(ours, t)
+        stream.apply(ref, t)
+        opt.step()
+        ref_opt.step()
+    assert_state_close(opt, ref_opt, ours, ref, ["sum"], 1e-12)
+    assert_close(ours, ref, 1e-12)
+
+
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()
                          and _sparse.kernels_installed()),
                     reason="needs Linux, torch with OpenMP and the compiled kernels")
@@ -247,9 +299,9 @@ def test_kernel_groups_any_table_size_like_torch_ops(rows: int, lookups: int) ->
 def test_kernel_frame_fields_are_in_the_order_kernel_update_writes_them() -> None:
     module = _sparse.kernels()
     names = ["KERNEL", "NUM_ROWS", "WIDTH", "STATE_WIDTH", "TABLE0", "TABLE1", "TABLE2",
-             "VALUES", "LOOKUPS", "IDS", "PARTS", "NUM_PARTS", "PART_ORDER", "TASK_ORDER",
-             "SHIFT", "SCRATCH", "SLOTS", "HIST", "CLAIMS", "FLOATS", "MODE", "COUNTS",
-             "NUM_COUNTS"]
+             "FLOATS", "CLAIMS", "COUNTS", "NUM_COUNTS", "VALUES", "LOOKUPS", "IDS",
+             "NUM_PARTS", "SHIFT", "SLOTS", "SLICES", "MODE", "PARTS", "PART_ORDER",
+             "TASK_ORDER", "SCRATCH", "HIST", "SLICE_HIST"]
     assert [getattr(module, n) for n in names] == list(range(module.FRAME_SIZE))
 
 

@@ -30,9 +30,8 @@ import threading
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -47,8 +46,7 @@ ROW_COUNT_KEY = "row_update_count"
 group has ``count_row_updates=True``; ``gradguard.watch`` reads it under this name."""
 
 
-@dataclass(frozen=True)
-class RowGrad:
+class RowGrad(NamedTuple):
     """A sparse gradient as rows of its parameter viewed as ``(num_rows, row_size)``.
 
     ``rows[i]`` is the row of lookup ``i`` (repeated when a row was looked up more
@@ -68,6 +66,8 @@ def row_grad(param: Tensor, grad: Tensor) -> RowGrad:
     """
     sparse_dims = grad.sparse_dim()
     indices, values = grad._indices(), grad._values()
+    if sparse_dims == 1 and values.dim() == 2:  # an embedding table's gradient
+        return RowGrad(indices[0], values, param.shape[0])
     shape = tuple(param.shape)
     rows = indices[0]
     for axis in range(1, sparse_dims):
@@ -156,10 +156,9 @@ def kernels_installed() -> bool:
 
 def kernel_applies(param: Tensor, *state: Tensor) -> bool:
     """Whether the compiled kernels can update ``param`` and its ``state`` in place."""
-    return (param.device.type == "cpu" and param.dtype in KERNEL_DTYPES
-            and param.is_contiguous()
-            and all(s.device.type == "cpu" and s.dtype == param.dtype and s.is_contiguous()
-                    for s in state)
+    dtype = param.dtype
+    return (param.is_cpu and dtype in KERNEL_DTYPES and param.is_contiguous()
+            and all(s.is_cpu and s.dtype == dtype and s.is_contiguous() for s in state)
             and kernels_installed())
 
 
@@ -213,22 +212,39 @@ class _Workspace:
         self.task_order = np.empty(0, np.int64)
         self.scratch = np.empty((0, 0, 0), np.int64)
         self.hist = np.empty((0, 0), np.int64)
+        self.slice_hist = np.empty(0, np.int64)
+        self.addresses: tuple[int, ...] = ()
 
-    def prepare(self, lookups: int, parts: int, slots: int) -> None:
-        """Grow the scratch for ``lookups`` lookups in ``parts`` tasks on ``slots`` threads."""
+    def prepare(self, lookups: int, parts: int, slots: int, slices: int) -> tuple[int, ...]:
+        """Grow the scratch for ``lookups`` lookups in ``parts`` tasks and ``slices`` slices on
+        ``slots`` threads; return the addresses of (part starts, part order, task order,
+        scratch, histograms, slice histograms)."""
         import numpy as np
 
         module = kernels()
+        grown = not self.addresses
         if self.part_starts.size < parts + 1:
             self.part_starts = np.empty(parts + 1, np.int64)
             self.task_order = np.empty(parts, np.int64)
+            grown = True
         if self.part_order.size < lookups:
             self.part_order = np.empty(lookups, np.int64)
+            grown = True
         if self.scratch.shape[0] < slots or self.scratch.shape[2] < lookups + 1:
             self.scratch = np.empty((max(slots, self.scratch.shape[0]), module.SCRATCH_ARRAYS,
                                      max(lookups + 1, self.scratch.shape[2])), np.int64)
+            grown = True
         if self.hist.shape[0] < slots:
             self.hist = np.empty((slots, 1 << module.DIGIT_BITS), np.int64)
+            grown = True
+        if self.slice_hist.size < slices * parts:
+            self.slice_hist = np.empty(slices * parts, np.int64)
+            grown = True
+        if grown:
+            self.addresses = tuple(a.ctypes.data for a in (
+                self.part_starts, self.part_order, self.task_order, self.scratch, self.hist,
+                self.slice_hist))
+        return self.addresses
 
 
 ROWS_PER_THREAD = 2048
@@ -238,6 +254,11 @@ TASKS_PER_THREAD = 8
 """The lookups are split into at least this many tasks (row ranges) per thread,
 claimed as threads come free, so that a thread the OS preempts delays the step by
 a small task only, and a task's sort scratch stays in L1/L2."""
+
+SLICES_PER_THREAD = 4
+LOOKUPS_PER_SLICE = 1024
+"""The ids are checked and grouped by task in slices of at least this many lookups,
+up to :data:`SLICES_PER_THREAD` per thread."""
 
 _WORKSPACE: list[_Workspace] = []
 _STEP_LOCK = threading.Lock()  # the workspace serves one step at a time
@@ -255,6 +276,36 @@ def _task_bits(num_rows: int, threads: int) -> tuple[int, int]:
     return bits, row_bits - bits
 
 
+class _Frame:
+    """The frame of compiled steps on one set of tables (:mod:`._sparse_kernels`' field
+    order), kept between steps with its scalars and counters: a step writes only the
+    fields that change (the gradient, the task split, the scratch)."""
+
+    def __init__(self, module: ModuleType, name: str, num_rows: int, tables: Sequence[Tensor],
+                 counts: Tensor | None) -> None:
+        import numpy as np
+
+        dtype = np.float32 if tables[0].dtype == torch.float32 else np.float64
+        self.floats = np.zeros(8, dtype)
+        self.claims = np.zeros(module.NUM_CLAIMS, np.int64)
+        pointers = [t.data_ptr() for t in tables]
+        pointers += pointers[-1:] * (3 - len(pointers))  # unused table slots: any valid one
+        # KERNEL, NUM_ROWS, WIDTH, STATE_WIDTH, TABLE0..2, FLOATS, CLAIMS, COUNTS, NUM_COUNTS
+        self.fields = np.zeros(module.FRAME_SIZE, np.int64)
+        self.fields[:module.VALUES] = [
+            module.KERNELS[name], num_rows, tables[0].shape[1], tables[1].shape[1], *pointers,
+            self.floats.ctypes.data, self.claims.ctypes.data,
+            0 if counts is None else counts.data_ptr(), 0 if counts is None else num_rows]
+        self.address = self.fields.ctypes.data
+        for table in tables:
+            hugepages.advise(table)
+
+
+_FRAMES: dict[tuple[Any, ...], _Frame] = {}
+MAX_FRAMES = 64
+"""Frames kept (the cache is emptied when full); one per table set a process updates."""
+
+
 def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
                   scalars: Sequence[float | int], counts: Tensor | None) -> None:
     """Run kernel ``name`` on ``tables`` (the parameter and its state) for ``grad``.
@@ -262,72 +313,75 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
     Float ``scalars`` are passed in the tables' dtype, an int (the row-wise weight
     decay mode) as it is. The step runs on up to ``torch.get_num_threads()``
     threads: torch's OpenMP team where torch has one, else a thread pool with the
-    calling thread.
+    calling thread. A row out of range raises IndexError with nothing modified.
     """
-    import numpy as np
-
     lookups = grad.rows.numel()
     if lookups == 0:
         return
     if lookups >= 1 << 32:
         raise ValueError(f"a sparse gradient of {lookups:,} lookups is too large for the "
                          "compiled kernels (at most 2**32 - 1); use impl='reference'")
-    dtype = tables[0].dtype
     module = kernels()
-    rows = grad.rows.contiguous().numpy()
-    values = grad.values.to(dtype).contiguous().numpy()
-    for table in tables:
-        hugepages.advise(table)
+    rows = grad.rows.contiguous()
+    values = grad.values
+    if values.dtype != tables[0].dtype:
+        values = values.to(tables[0].dtype)
+    values = values.contiguous()
+    if counts is not None and counts.numel() != grad.num_rows:
+        dim0_counts, counts = counts, None  # several sparse dims: counted below, by dim-0 row
+    else:
+        dim0_counts = None
     threads = max(1, min(torch.get_num_threads(), lookups // ROWS_PER_THREAD))
     bits, shift = _task_bits(grad.num_rows, threads)
-    per_row = counts is not None and counts.numel() == grad.num_rows
-    counts_array = counts.numpy() if per_row and counts is not None else np.empty(0, np.int64)
-    floats = np.zeros(8, np.float32 if dtype == torch.float32 else np.float64)
+    slices = max(1, min(SLICES_PER_THREAD * threads, lookups // LOOKUPS_PER_SLICE))
+    key = (name, grad.num_rows, tables[0].dtype, *(t.data_ptr() for t in tables),
+           *(t.shape[1] for t in tables), None if counts is None else counts.data_ptr())
     real = [x for x in scalars if isinstance(x, float)]
-    floats[:len(real)] = real
     mode = next((x for x in scalars if not isinstance(x, float)), 0)
-    claims = np.zeros(2, np.int64)  # this step's own counters (a late pool thread reads them)
     with _STEP_LOCK:
+        frame = _FRAMES.get(key)
+        if frame is None:
+            if len(_FRAMES) >= MAX_FRAMES:
+                _FRAMES.clear()
+            frame = _FRAMES[key] = _Frame(module, name, grad.num_rows, tables, counts)
         if not _WORKSPACE:
             _WORKSPACE.append(_Workspace())
-        work = _WORKSPACE[0]
-        work.prepare(lookups, 1 << bits, threads)
-        bad = module.partition_lookups(rows, grad.num_rows, shift,
-                                       work.part_starts[:(1 << bits) + 1], work.part_order,
-                                       work.task_order[:1 << bits])
-        if bad < 0:
-            raise IndexError(f"sparse gradient row {int(rows[-1 - bad])} is out of range "
-                             f"for {grad.num_rows} rows")
-        pointers = [t.data_ptr() for t in tables]
-        pointers += pointers[-1:] * (3 - len(pointers))  # unused table slots: any valid one
-        # the fields in _sparse_kernels' frame order (KERNEL, NUM_ROWS, ... NUM_COUNTS)
-        frame = np.array([module.KERNELS[name], grad.num_rows, values.shape[1],
-                          tables[1].shape[1], *pointers,
-                          values.ctypes.data, lookups, rows.ctypes.data,
-                          work.part_starts.ctypes.data, 1 << bits, work.part_order.ctypes.data,
-                          work.task_order.ctypes.data, shift, work.scratch.ctypes.data, threads,
-                          work.hist.ctypes.data, claims.ctypes.data, floats.ctypes.data, mode,
-                          counts_array.ctypes.data, counts_array.size], np.int64)
-        _run_on_threads(module, frame, floats, claims, threads, 1 << bits)
-        if counts is not None and not per_row:  # several sparse dims: count dim-0 rows
-            count_touched(counts, torch.unique(grad.rows), grad.num_rows)
+        frame.floats[:len(real)] = real
+        # VALUES, LOOKUPS, IDS, NUM_PARTS, SHIFT, SLOTS, SLICES, MODE, then the scratch
+        frame.fields[module.VALUES:] = (
+            values.data_ptr(), lookups, rows.data_ptr(), 1 << bits, shift, threads, slices,
+            mode, *_WORKSPACE[0].prepare(lookups, 1 << bits, threads, slices))
+        claims = _run_on_threads(module, frame, threads, 1 << bits)
+    if claims[module.READY] == module.OUT_OF_RANGE:
+        raise IndexError(f"sparse gradient row {int(rows[int(claims[module.BAD])])} is out "
+                         f"of range for {grad.num_rows} rows")
+    if dim0_counts is not None:
+        count_touched(dim0_counts, torch.unique(grad.rows), grad.num_rows)
 
 
-def _run_on_threads(module: ModuleType, frame: Any, floats: Any, claims: Any, threads: int,
-                    tasks: int) -> None:
-    """Each of ``threads`` threads runs ``module.run(frame)`` once; return when the step is
-    done. ``floats`` (the frame's scalars) gives the tables' dtype."""
+def _run_on_threads(module: ModuleType, frame: _Frame, threads: int, tasks: int) -> Any:
+    """Each of ``threads`` threads runs ``module.run`` on the frame once; return the step's
+    counters once the step is done."""
+    import numpy as np
+
+    lookups = frame.fields[module.LOOKUPS]
     team = omp_parallel() if threads > 1 else None
-    if team is not None:  # torch's OpenMP team: GOMP_parallel returns when all are done
-        team(module.team_entry(floats.itemsize), frame.ctypes.data, threads, 0)
-        return
-    witness = floats[0]
-    if threads == 1:
-        module.run(frame, witness)
-        return
+    if team is not None or threads == 1:
+        claims = frame.claims
+        claims[:] = 0
+        claims[module.BAD] = lookups  # no bad lookup yet
+        if team is not None:  # torch's OpenMP team: GOMP_parallel returns when all are done
+            team(module.team_entry(frame.floats.itemsize), frame.address, threads, 0)
+        else:
+            module.run(frame.fields, frame.floats[0])
+        return claims
     # a pool thread may start after the step is over: it gets the step's own frame and
-    # counters (kept alive here), finds no task left, and returns touching nothing else
-    step = frame.copy()
+    # counters (kept alive here), finds no work left, and returns touching nothing else
+    witness = frame.floats[0]
+    claims = np.zeros_like(frame.claims)
+    claims[module.BAD] = lookups
+    step = frame.fields.copy()
+    step[module.CLAIMS] = claims.ctypes.data
 
     def share(step: Any = step, claims: Any = claims) -> int:  # holds both until it returns
         return int(module.run(step, witness))
@@ -336,6 +390,7 @@ def _run_on_threads(module: ModuleType, frame: Any, floats: Any, claims: Any, th
     if module.run(step, witness) < tasks:  # another thread took tasks: wait until it is done
         for future in futures:
             future.result()
+    return claims
 
 
 _OMP: list[Any] = []

@@ -1,23 +1,31 @@
 """Compiled CPU kernels for row-sparse updates (numba; ``pip install gradguard[fast]``).
 
 Imported on first use by :mod:`gradguard.optim._sparse`, never by ``import
-gradguard``. A sparse step:
+gradguard``. A sparse step is one call of :func:`run` by each thread of the step, on torch's
+own OpenMP team (:func:`team_entry`, started with ``GOMP_parallel``, so the step
+neither waits for new threads nor competes with torch's idle workers for the
+cores) or else on a thread pool. Every phase hands out its work with atomic
+counters, so that any number of threads, one included, finishes it, and a late or
+preempted thread delays the step by one piece of work only:
 
-1. :func:`partition_lookups` (one thread) checks every row is in range and splits
-   the lookups into ``2**bits`` *tasks* by the top bits of their row (a counting
-   sort on a few dozen buckets: two passes over the ids, nothing else touched);
-2. :func:`run` is entered once by each thread of the step, on torch's own OpenMP
-   team (:func:`team_entry`, started with ``GOMP_parallel``, so the step neither
-   waits for new threads nor competes with torch's idle workers for the cores) or
-   else on a thread pool. Each thread claims tasks, largest first, with an atomic
-   counter until none is left, so that a late or preempted thread delays the step by
-   one task only. For a task it sorts the task's lookups by row (a stable LSD radix
-   sort, in scratch that stays in L1/L2), so that the distinct rows come out
-   ascending, each with its lookups in lookup order; then, for each distinct row, it
-   sums the values of the row's lookups (duplicates are coalesced here) and updates
-   the row of the parameter and its state in place (:func:`_adagrad_rows`,
+1. the lookups are cut into *slices*; for each slice a thread checks that every
+   row is in range and counts its lookups per *task* (a range of ``2**shift``
+   rows). The thread that counts the last slice turns the counts into offsets and
+   orders the tasks largest first (:func:`_count_slice`, :func:`_offsets`);
+2. each slice's lookups are written out grouped by task (:func:`_scatter_slice`):
+   a stable counting sort, in parallel;
+3. threads claim tasks, largest first. For a task a thread sorts the task's
+   lookups by row (:func:`_group_task`, a stable LSD radix sort, in scratch that
+   stays in L1/L2), so that the distinct rows come out ascending, each with its
+   lookups in lookup order; then, for each distinct row, it sums the values of the
+   row's lookups (duplicates are coalesced here) and updates the row of the
+   parameter and its state in place (:func:`_adagrad_rows`,
    :func:`_sparse_adam_rows`, :func:`_ftrl_rows`, :func:`_rowwise_adagrad_rows`),
    prefetching rows and values ahead.
+
+Between the phases threads wait for each other by spinning on a flag (a few
+microseconds). An out-of-range row stops the step after phase 1, before anything
+is written: the flag says so and the counters hold the first bad lookup.
 
 Ascending rows matter on large tables: consecutive rows share pages, so a step
 walks the page tables once per page rather than once per row, and the memory
@@ -55,15 +63,28 @@ DIGIT_BITS = 11
 LOOKUP_BITS = 32
 """A sort key holds the row's low bits above the lookup number's 32 bits."""
 
-# The frame: one int64 array describing a step, read by every thread's `run`.
-KERNEL, NUM_ROWS, WIDTH, STATE_WIDTH, TABLE0, TABLE1, TABLE2, VALUES, LOOKUPS = range(9)
-IDS, PARTS, NUM_PARTS, PART_ORDER, TASK_ORDER, SHIFT, SCRATCH, SLOTS = range(9, 17)
-HIST, CLAIMS, FLOATS, MODE, COUNTS, NUM_COUNTS = range(17, 23)
-FRAME_SIZE = 23
+# The frame: one int64 array describing a step, read by every thread's `run`. The
+# fields fixed by the tables come first, then those written for each step, then the
+# addresses of the step's scratch.
+KERNEL, NUM_ROWS, WIDTH, STATE_WIDTH, TABLE0, TABLE1, TABLE2, FLOATS, CLAIMS = range(9)
+COUNTS, NUM_COUNTS = 9, 10
+VALUES, LOOKUPS, IDS, NUM_PARTS, SHIFT, SLOTS, SLICES, MODE = range(11, 19)
+PARTS, PART_ORDER, TASK_ORDER, SCRATCH, HIST, SLICE_HIST = range(19, 25)
+FRAME_SIZE = 25
 KERNELS = {"adagrad": 0, "sparse_adam": 1, "ftrl": 2, "rowwise_adagrad": 3}
 """Kernel numbers (``frame[KERNEL]``) by name; ``frame[STATE_WIDTH]`` is 1 for
 ``rowwise_adagrad``, else ``frame[WIDTH]``."""
 ADAGRAD, SPARSE_ADAM, FTRL = KERNELS["adagrad"], KERNELS["sparse_adam"], KERNELS["ftrl"]
+
+# The step's counters (``frame[CLAIMS]``, int64): the next scratch slot, task, slice to
+# count and slice to scatter; how many slices are counted and scattered; the phase
+# flag; the first out-of-range lookup (``lookups`` while there is none).
+CLAIM_SLOT, CLAIM_TASK, CLAIM_COUNT, CLAIM_SCATTER, COUNTED, SCATTERED, READY, BAD = range(8)
+NUM_CLAIMS = 8
+COUNTING, OFFSETS_READY, PARTITIONED, OUT_OF_RANGE = 0, 1, 2, -1
+"""``claims[READY]``: counting; offsets ready (scatter); lookups grouped by task (update);
+a row out of range (stop)."""
+
 SCRATCH_ARRAYS = 5
 """Per-thread scratch rows: two sort buffers, then unique rows, starts, order."""
 
@@ -95,19 +116,61 @@ def _prefetch(typingctx: Any, array: Any, row: Any, column: Any) -> Any:
     return types.void(array, row, column), codegen
 
 
+def _counter_pointer(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+    """Pointer to ``counters[index]`` (the first two arguments of an atomic intrinsic)."""
+    array_type = signature.args[0]
+    ary = context.make_array(array_type)(context, builder, args[0])
+    at = context.cast(builder, args[1], signature.args[1], types.intp)
+    return cgutils.get_item_pointer(context, builder, array_type, ary, [at], wraparound=False)
+
+
 @intrinsic
-def _claim(typingctx: Any, counter: Any, index: Any) -> Any:
-    """Atomically ``counter[index] += 1``, returning the old value: the next task to run."""
+def _claim(typingctx: Any, counters: Any, index: Any) -> Any:
+    """Atomically ``counters[index] += 1``, returning the old value (acquire-release: what
+    the thread wrote before is visible to a thread that claims after it)."""
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        array_type = signature.args[0]
-        ary = context.make_array(array_type)(context, builder, args[0])
-        at = context.cast(builder, args[1], signature.args[1], types.intp)
-        ptr = cgutils.get_item_pointer(context, builder, array_type, ary, [at],
-                                       wraparound=False)
-        return builder.atomic_rmw("add", ptr, ir.Constant(ir.IntType(64), 1), "monotonic")
+        ptr = _counter_pointer(context, builder, signature, args)
+        return builder.atomic_rmw("add", ptr, ir.Constant(ir.IntType(64), 1), "acq_rel")
 
-    return types.int64(counter, index), codegen
+    return types.int64(counters, index), codegen
+
+
+@intrinsic
+def _lower_to(typingctx: Any, counters: Any, index: Any, value: Any) -> Any:
+    """Atomically ``counters[index] = min(counters[index], value)``."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ptr = _counter_pointer(context, builder, signature, args)
+        new = context.cast(builder, args[2], signature.args[2], types.int64)
+        builder.atomic_rmw("min", ptr, new, "acq_rel")
+        return context.get_dummy_value()
+
+    return types.void(counters, index, value), codegen
+
+
+@intrinsic
+def _load_acquire(typingctx: Any, counters: Any, index: Any) -> Any:
+    """``counters[index]``, read atomically (a flag another thread sets)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ptr = _counter_pointer(context, builder, signature, args)
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return types.int64(counters, index), codegen
+
+
+@intrinsic
+def _store_release(typingctx: Any, counters: Any, index: Any, value: Any) -> Any:
+    """``counters[index] = value``, written atomically after everything written before."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ptr = _counter_pointer(context, builder, signature, args)
+        new = context.cast(builder, args[2], signature.args[2], types.int64)
+        builder.store_atomic(new, ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return types.void(counters, index, value), codegen
 
 
 @intrinsic
@@ -122,31 +185,38 @@ def _pointer(typingctx: Any, address: Any, witness: Any) -> Any:
 
 
 @jit
-def partition_lookups(rows: Any, num_rows: int, shift: int, part_starts: Any,
-                      part_order: Any, task_order: Any) -> int:
-    """Split the lookups into tasks by ``row >> shift``; return ``-1 - i`` for the first
-    lookup ``i`` whose row is outside ``[0, num_rows)`` (nothing else done), else 0.
-
-    Afterwards the lookups of task ``p`` are ``part_order[part_starts[p]:part_starts[p + 1]]``,
-    ascending (a stable counting sort; ``part_starts`` has one entry per task, plus one),
-    and ``task_order`` lists the tasks largest first: the threads take them in that
-    order, so that the step does not end waiting for a large task taken last (with
-    Zipf-distributed ids the task holding the hottest row has thousands of lookups more).
-    """
-    parts = part_starts.size - 1
-    part_starts[:] = 0
-    for i in range(rows.size):
+def _count_slice(rows: Any, lo: int, hi: int, num_rows: int, shift: int, hist: Any) -> int:
+    """Count the lookups ``lo..hi`` per task (``row >> shift``) into ``hist``; return the
+    first lookup whose row is outside ``[0, num_rows)`` (counting stops there), else -1."""
+    hist[:] = 0
+    for i in range(lo, hi):
         row = rows[i]
         if row < 0 or row >= num_rows:
-            return -1 - i
-        part_starts[(row >> shift) + 1] += 1
+            return i
+        hist[row >> shift] += 1
+    return -1
+
+
+@jit
+def _offsets(slice_hist: Any, part_starts: Any, task_order: Any) -> None:
+    """Turn the slices' counts per task into where each slice's lookups of each task go.
+
+    Afterwards task ``p``'s lookups will be ``part_order[part_starts[p]:part_starts[p + 1]]``,
+    those of slice ``s`` from ``slice_hist[s, p]`` on (slices in order: the lookups stay
+    ascending), and ``task_order`` lists the tasks largest first: the threads take them
+    in that order, so that the step does not end waiting for a large task taken last
+    (with Zipf-distributed ids the task holding the hottest row has thousands of
+    lookups more).
+    """
+    slices, parts = slice_hist.shape
+    total = 0
     for p in range(parts):
-        part_starts[p + 1] += part_starts[p]
-    cursor = part_starts[:parts].copy()
-    for i in range(rows.size):
-        p = rows[i] >> shift
-        part_order[cursor[p]] = i
-        cursor[p] += 1
+        part_starts[p] = total
+        for s in range(slices):
+            size = slice_hist[s, p]
+            slice_hist[s, p] = total
+            total += size
+    part_starts[parts] = total
     for p in range(parts):  # insertion sort by size, descending (a few dozen tasks)
         size = part_starts[p + 1] - part_starts[p]
         at = p
@@ -157,7 +227,17 @@ def partition_lookups(rows: Any, num_rows: int, shift: int, part_starts: Any,
             task_order[at] = before
             at -= 1
         task_order[at] = p
-    return 0
+
+
+@jit
+def _scatter_slice(rows: Any, lo: int, hi: int, shift: int, cursor: Any,
+                   part_order: Any) -> None:
+    """Write the lookups ``lo..hi`` into ``part_order`` by task, from ``cursor`` (the slice's
+    offsets) on."""
+    for i in range(lo, hi):
+        p = rows[i] >> shift
+        part_order[cursor[p]] = i
+        cursor[p] += 1
 
 
 @jit
@@ -447,18 +527,63 @@ def _rowwise_adagrad_rows(param: Any, state_sum: Any, values: Any, unique: Any, 
             counts[row] += 1
 
 
-
-
 # ------------------------------------------------------------------ the step
+@jit
+def _partition(rows: Any, num_rows: int, shift: int, slice_hist: Any, part_starts: Any,
+               part_order: Any, task_order: Any, claims: Any) -> bool:
+    """Phases 1 and 2 of the step (this thread's share): group the lookups by task.
+
+    Returns False when a row is out of range (``claims[BAD]`` holds the first such
+    lookup; nothing was written but counts), once every slice is counted; else True,
+    once every slice is scattered.
+    """
+    lookups = rows.size
+    slices = slice_hist.shape[0]
+    per_slice = (lookups + slices - 1) // slices
+    while True:
+        s = _claim(claims, CLAIM_COUNT)
+        if s >= slices:
+            break
+        lo = s * per_slice
+        bad = _count_slice(rows, lo, min(lookups, lo + per_slice), num_rows, shift,
+                           slice_hist[s])
+        if bad >= 0:
+            _lower_to(claims, BAD, bad)
+        if _claim(claims, COUNTED) == slices - 1:  # the last slice: every count is in
+            if _load_acquire(claims, BAD) < lookups:
+                _store_release(claims, READY, OUT_OF_RANGE)
+            else:
+                _offsets(slice_hist, part_starts, task_order)
+                _store_release(claims, READY, OFFSETS_READY)
+    phase = _load_acquire(claims, READY)
+    while phase == COUNTING:
+        phase = _load_acquire(claims, READY)
+    if phase == OUT_OF_RANGE:
+        return False
+    while True:
+        s = _claim(claims, CLAIM_SCATTER)
+        if s >= slices:
+            break
+        lo = s * per_slice
+        _scatter_slice(rows, lo, min(lookups, lo + per_slice), shift, slice_hist[s],
+                       part_order)
+        if _claim(claims, SCATTERED) == slices - 1:
+            _store_release(claims, READY, PARTITIONED)
+    while _load_acquire(claims, READY) != PARTITIONED:
+        pass
+    return True
+
+
 @jit
 def run(frame: Any, witness: Any) -> int:
     """One thread's share of the step ``frame`` describes; returns how many tasks it did.
 
-    Every thread of the step calls it once: it takes a scratch slot, then claims
-    tasks (``frame[CLAIMS]``: slot and task counters), largest first, until none is
-    left, and for each groups the task's lookups and updates its distinct rows
-    with kernel ``frame[KERNEL]``. ``witness`` (a zero of the tables' dtype) types
-    the tables. Claiming inside the compiled code keeps the GIL out of the loop.
+    Every thread of the step calls it once: it takes a scratch slot, shares in
+    grouping the lookups by task (:func:`_partition`), then claims tasks, largest
+    first, until none is left, and for each groups the task's lookups by row and
+    updates its distinct rows with kernel ``frame[KERNEL]``. ``witness`` (a zero of
+    the tables' dtype) types the tables. Claiming inside the compiled code keeps the
+    GIL out of the loop.
     """
     index = np.int64(0)
     num_rows, width, lookups = frame[NUM_ROWS], frame[WIDTH], frame[LOOKUPS]
@@ -476,14 +601,18 @@ def run(frame: Any, witness: Any) -> int:
     scratch = carray(_pointer(frame[SCRATCH], index),
                      (frame[SLOTS], SCRATCH_ARRAYS, lookups + 1))
     hist = carray(_pointer(frame[HIST], index), (frame[SLOTS], 1 << DIGIT_BITS))
-    claims = carray(_pointer(frame[CLAIMS], index), (2,))
+    slice_hist = carray(_pointer(frame[SLICE_HIST], index), (frame[SLICES], parts))
+    claims = carray(_pointer(frame[CLAIMS], index), (NUM_CLAIMS,))
     counts = carray(_pointer(frame[COUNTS], index), (frame[NUM_COUNTS],))
-    slot = _claim(claims, 0)
+    slot = _claim(claims, CLAIM_SLOT)
+    if not _partition(rows, num_rows, frame[SHIFT], slice_hist, part_starts, part_order,
+                      task_order, claims):
+        return 0
     mine = scratch[slot]
     unique, starts, order = mine[2], mine[3], mine[4]
     done = 0
     while True:
-        claimed = _claim(claims, 1)
+        claimed = _claim(claims, CLAIM_TASK)
         if claimed >= parts:
             return done
         done += 1
