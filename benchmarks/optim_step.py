@@ -1,6 +1,7 @@
 """Optimizer step time against torch.optim's fastest implementation, and against memory bandwidth.
 
-For 25M float32 parameters in 50 tensors on the CPU, each gradguard optimizer
+For 25M float32 parameters in 50 tensors on the CPU (or ``--device cuda``), each
+gradguard optimizer
 (``impl="auto"``) and its torch.optim peer (fused where torch has a fused
 kernel, else the faster of torch's foreach and for-loop paths, measured here)
 step in interleaved repetitions on identical inputs. Printed per optimizer:
@@ -9,7 +10,12 @@ for Adam, AdamW, SGD and Adagrad, <= 1.0 for the rest), and the achieved
 bytes/s as a fraction of the machine's memory-bandwidth ceiling, measured in the
 same run with in-place streaming kernels of the same working-set size.
 
-Run: ``.venv/bin/python benchmarks/optim_step.py [--params 25e6] [--tensors 50] [--reps 15]``
+On CUDA torch's Adagrad has no fused kernel (its fused path is CPU-only), so its
+peer there is the faster of foreach and for-loop; every step is timed between
+two ``torch.cuda.synchronize()`` calls.
+
+Run: ``.venv/bin/python benchmarks/optim_step.py [--params 25e6] [--tensors 50] [--reps 15]
+[--device cuda]``
 """
 
 from __future__ import annotations
@@ -41,10 +47,17 @@ PEERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], list[dict[str, obje
     "adamax": (torch.optim.Adamax, [{"foreach": True}, {"foreach": False}]),
     "nadam": (torch.optim.NAdam, [{"foreach": True}, {"foreach": False}]),
 }
+CUDA_PEERS = {**PEERS, "adagrad": (torch.optim.Adagrad, [{"foreach": True}, {"foreach": False}])}
+"""On CUDA: torch.optim.Adagrad(fused=True) runs on the CPU only."""
 HPARAMS: dict[str, dict[str, object]] = {"sgd": {"lr": 0.01, "momentum": 0.9}}
 
 
-def bandwidth_ceiling(numel: int, reps: int = 9) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bandwidth_ceiling(numel: int, device: torch.device, reps: int = 9) -> float:
     """Best bytes/s of in-place streaming kernels whose working set is at least an optimizer's.
 
     Read-modify-write kernels like an optimizer's, axpy (2 streams) and addcmul
@@ -54,29 +67,35 @@ def bandwidth_ceiling(numel: int, reps: int = 9) -> float:
     help the ceiling no more than they help the optimizer. Out-of-place kernels
     would also read their destination (write-allocate) and understate it.
     """
-    a, b, c = (torch.rand(2 * numel) for _ in range(3))
+    a, b, c = (torch.rand(2 * numel, device=device) for _ in range(3))
     kernels = [(lambda: a.add_(b, alpha=1e-3), 3), (lambda: a.addcmul_(b, c, value=1e-3), 4)]
     best = 0.0
     for _ in range(reps):
         for kernel, streams in kernels:
+            synchronize(device)
             t0 = time.perf_counter()
             kernel()
+            synchronize(device)
             best = max(best, streams * 4 * 2 * numel / (time.perf_counter() - t0))
     return best
 
 
-def make_problem(total: int, tensors: int, seed: int) -> list[torch.nn.Parameter]:
+def make_problem(total: int, tensors: int, seed: int,
+                 device: torch.device) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
     size = total // tensors
-    params = [torch.nn.Parameter(torch.randn(size, generator=gen)) for _ in range(tensors)]
+    params = [torch.nn.Parameter(torch.randn(size, generator=gen).to(device))
+              for _ in range(tensors)]
     for p in params:
-        p.grad = torch.randn(size, generator=gen) * 1e-2
+        p.grad = (torch.randn(size, generator=gen) * 1e-2).to(device)
     return params
 
 
-def time_step(opt: torch.optim.Optimizer) -> float:
+def time_step(opt: torch.optim.Optimizer, device: torch.device) -> float:
+    synchronize(device)
     t0 = time.perf_counter()
     opt.step()
+    synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -86,12 +105,16 @@ def main() -> None:
     parser.add_argument("--tensors", type=int, default=50)
     parser.add_argument("--reps", type=int, default=16)
     parser.add_argument("--only", default="", help="comma-separated optimizer names")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
-    total, reps = int(args.params), args.reps
+    total, reps, device = int(args.params), args.reps, torch.device(args.device)
+    peer_table = CUDA_PEERS if device.type == "cuda" else PEERS
     names = [n for n in go.available() if not args.only or n in args.only.split(",")]
 
-    ceiling = bandwidth_ceiling(total)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    ceiling = bandwidth_ceiling(total, device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {where}; "
           f"{total / 1e6:.0f}M float32 params in {args.tensors} tensors, {reps} interleaved reps")
     print(f"memory-bandwidth ceiling (best in-place axpy/addcmul over "
           f"{2 * total / 1e6:.0f}M-element arrays): {ceiling / 1e9:.1f} GB/s\n")
@@ -100,32 +123,33 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for name in names:
-        ours_params = make_problem(total, args.tensors, 0)
+        ours_params = make_problem(total, args.tensors, 0, device)
         ours = go.create(name, ours_params, **HPARAMS.get(name, {}))  # type: ignore[arg-type]
         impl = ours.resolve_impl(ours.param_groups[0], ours_params)
         # every torch candidate runs in the same interleaved loop; the fastest median is the peer
         peers: dict[str, torch.optim.Optimizer] = {}
-        if name in PEERS:
-            cls, candidates = PEERS[name]
+        if name in peer_table:
+            cls, candidates = peer_table[name]
             for kwargs in candidates:
                 flags = ", ".join(f"{k}={v}" for k, v in kwargs.items())
-                peers[f"{cls.__name__}({flags})"] = cls(make_problem(total, args.tensors, 0),
-                                                        **HPARAMS.get(name, {}), **kwargs)
+                peers[f"{cls.__name__}({flags})"] = cls(
+                    make_problem(total, args.tensors, 0, device), **HPARAMS.get(name, {}),
+                    **kwargs)
         for _ in range(2):
-            time_step(ours)
+            time_step(ours, device)
             for candidate in peers.values():
-                time_step(candidate)
+                time_step(candidate, device)
         ours_times: list[float] = []
         peer_times: dict[str, list[float]] = {label: [] for label in peers}
         for rep in range(reps):
             # alternate who goes first: the first in a round measurably pays for the
             # previous round's data in cache (a 1-5% bias against it here)
             if rep % 2 == 0:
-                ours_times.append(time_step(ours))
+                ours_times.append(time_step(ours, device))
             for label, candidate in peers.items():
-                peer_times[label].append(time_step(candidate))
+                peer_times[label].append(time_step(candidate, device))
             if rep % 2 == 1:
-                ours_times.append(time_step(ours))
+                ours_times.append(time_step(ours, device))
         ours_ms = statistics.median(ours_times) * 1e3
         moved = TRAFFIC[name] * 4 * total / (ours_ms / 1e3)
         if peers:
