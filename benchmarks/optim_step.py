@@ -15,7 +15,7 @@ peer there is the faster of foreach and for-loop; every step is timed between
 two ``torch.cuda.synchronize()`` calls.
 
 Run: ``.venv/bin/python benchmarks/optim_step.py [--params 25e6] [--tensors 50] [--reps 15]
-[--device cuda]``
+[--device cuda] [--impl reference|foreach|fused]``
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=16)
     parser.add_argument("--only", default="", help="comma-separated optimizer names")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--impl", default="auto",
+                        help="gradguard impl where the optimizer has it (default auto)")
     args = parser.parse_args()
     total, reps, device = int(args.params), args.reps, torch.device(args.device)
     peer_table = CUDA_PEERS if device.type == "cuda" else PEERS
@@ -125,6 +127,9 @@ def main() -> None:
     for name in names:
         ours_params = make_problem(total, args.tensors, 0, device)
         ours = go.create(name, ours_params, **HPARAMS.get(name, {}))  # type: ignore[arg-type]
+        if args.impl != "auto" and args.impl in ours.supported_impls:
+            ours = go.create(name, ours_params, impl=args.impl,  # type: ignore[arg-type]
+                             **HPARAMS.get(name, {}))
         impl = ours.resolve_impl(ours.param_groups[0], ours_params)
         # every torch candidate runs in the same interleaved loop; the fastest median is the peer
         peers: dict[str, torch.optim.Optimizer] = {}
