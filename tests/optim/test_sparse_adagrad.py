@@ -257,12 +257,7 @@ def test_kernel_follows_state_replaced_by_load_state_dict() -> None:
     saved = copy.deepcopy(ref_opt.state_dict())
     opt.load_state_dict(saved)
     ref_opt.load_state_dict(saved)
-    stream = ZipfLookups(seed=5)
-    for t in range(10):
-        stream.apply(ours, t)
-        stream.apply(ref, t)
-        opt.step()
-        ref_opt.step()
+    step_pair(ours, ref, lambda _: opt, lambda _: ref_opt, lambda _: ZipfLookups(seed=5), 10)
     assert_state_close(opt, ref_opt, ours, ref, ["sum"], 1e-12)
     assert_close(ours, ref, 1e-12)
 

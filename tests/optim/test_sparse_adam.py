@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gradguard.optim.sparse_adam import SparseAdam
-from tests.optim.harness import config_ids, rel_err
+from tests.optim.harness import config_ids, rel_err, step_pair
 from tests.optim.test_sparse_adagrad import (
     KERNEL_IMPLS,
     TABLES,
@@ -118,12 +118,7 @@ def test_state_dict_round_trip_with_torch(direction: str) -> None:
     other, same = second(moved), first(stayed)
     other.load_state_dict(opt.state_dict())
     same.load_state_dict(opt.state_dict())
-    stream = ZipfLookups(seed=5)
-    for t in range(30):
-        stream.apply(moved, t)
-        stream.apply(stayed, t)
-        other.step()
-        same.step()
+    step_pair(moved, stayed, lambda _: other, lambda _: same, lambda _: ZipfLookups(seed=5), 30)
     for a, b in zip(moved, stayed, strict=True):
         assert rel_err(a, b) <= 1e-12
 
