@@ -62,7 +62,7 @@ def advise(tensor: torch.Tensor) -> bool:
     storage = tensor.untyped_storage()
     start, nbytes = storage.data_ptr(), storage.nbytes()
     key = (start, nbytes)
-    if key in _advised:  # every sparse step asks again: answer without the lock
+    if key in _advised:  # each new step frame on a storage asks again: answer without the lock
         return True
     if nbytes < MIN_BYTES:
         return False
