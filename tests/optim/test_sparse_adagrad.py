@@ -295,8 +295,8 @@ def test_kernel_frame_fields_are_in_the_order_kernel_update_writes_them() -> Non
     module = _sparse.kernels()
     names = ["KERNEL", "NUM_ROWS", "WIDTH", "STATE_WIDTH", "TABLE0", "TABLE1", "TABLE2",
              "FLOATS", "CLAIMS", "COUNTS", "NUM_COUNTS", "VALUES", "LOOKUPS", "IDS",
-             "NUM_PARTS", "SHIFT", "SLOTS", "SLICES", "MODE", "PARTS", "PART_ORDER",
-             "TASK_ORDER", "SCRATCH", "HIST", "SLICE_HIST"]
+             "NUM_PARTS", "SHIFT", "SLICES", "MODE", "PARTS", "PART_ORDER", "TASK_ORDER",
+             "SLICE_HIST", "SCRATCH", "HIST", "SLOTS", "STRIDE"]
     assert [getattr(module, n) for n in names] == list(range(module.FRAME_SIZE))
 
 

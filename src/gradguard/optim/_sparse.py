@@ -28,8 +28,9 @@ import importlib.util
 import math
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -78,6 +79,8 @@ def row_grad(param: Tensor, grad: Tensor) -> RowGrad:
 
 def rows_of(tensor: Tensor, num_rows: int) -> Tensor:
     """``tensor`` viewed as ``(num_rows, row_size)``; in-place updates reach ``tensor``."""
+    if tensor.dim() == 2 and tensor.shape[0] == num_rows:  # an embedding table already is
+        return tensor
     try:
         return tensor.view(num_rows, -1)
     except RuntimeError:
@@ -200,55 +203,36 @@ def use_kernel(group: dict[str, Any], *tables: Tensor) -> bool:
     return group["impl"] != "reference" and kernel_applies(*tables)
 
 
-class _Workspace:
-    """Scratch for a compiled sparse step, kept between steps (allocating and faulting in
-    megabytes per step costs more than the step)."""
+class _Scratch:
+    """The threads' scratch for compiled steps, kept between steps (allocating and
+    faulting in megabytes per step costs more than the step): per thread slot, the
+    sort buffers and row lists (:data:`~._sparse_kernels.SCRATCH_ARRAYS` rows of
+    ``stride`` int64) and a radix histogram."""
 
     def __init__(self) -> None:
         import numpy as np
 
-        self.part_starts = np.empty(0, np.int64)
-        self.part_order = np.empty(0, np.int64)
-        self.task_order = np.empty(0, np.int64)
         self.scratch = np.empty((0, 0, 0), np.int64)
         self.hist = np.empty((0, 0), np.int64)
-        self.slice_hist = np.empty(0, np.int64)
-        self.addresses: tuple[int, ...] = ()
 
-    def prepare(self, lookups: int, parts: int, slots: int, slices: int) -> tuple[int, ...]:
-        """Grow the scratch for ``lookups`` lookups in ``parts`` tasks and ``slices`` slices on
-        ``slots`` threads; return the addresses of (part starts, part order, task order,
-        scratch, histograms, slice histograms)."""
+    def prepare(self, slots: int, lookups: int) -> tuple[int, int, int, int]:
+        """Grow the scratch for ``slots`` threads and ``lookups`` lookups per table; return
+        (scratch address, histograms address, slots, stride) for the frames."""
         import numpy as np
 
         module = kernels()
-        grown = not self.addresses
-        if self.part_starts.size < parts + 1:
-            self.part_starts = np.empty(parts + 1, np.int64)
-            self.task_order = np.empty(parts, np.int64)
-            grown = True
-        if self.part_order.size < lookups:
-            self.part_order = np.empty(lookups, np.int64)
-            grown = True
         if self.scratch.shape[0] < slots or self.scratch.shape[2] < lookups + 1:
             self.scratch = np.empty((max(slots, self.scratch.shape[0]), module.SCRATCH_ARRAYS,
                                      max(lookups + 1, self.scratch.shape[2])), np.int64)
-            grown = True
         if self.hist.shape[0] < slots:
             self.hist = np.empty((slots, 1 << module.DIGIT_BITS), np.int64)
-            grown = True
-        if self.slice_hist.size < slices * parts:
-            self.slice_hist = np.empty(slices * parts, np.int64)
-            grown = True
-        if grown:
-            self.addresses = tuple(a.ctypes.data for a in (
-                self.part_starts, self.part_order, self.task_order, self.scratch, self.hist,
-                self.slice_hist))
-        return self.addresses
+        return (self.scratch.ctypes.data, self.hist.ctypes.data, self.scratch.shape[0],
+                self.scratch.shape[2])
 
 
 ROWS_PER_THREAD = 2048
-"""Lookups per thread below which a sparse step uses fewer threads."""
+"""Lookups per thread below which a sparse step uses fewer threads (a table with fewer
+lookups runs on one thread, side by side with the step's other tables)."""
 
 TASKS_PER_THREAD = 8
 """The lookups are split into at least this many tasks (row ranges) per thread,
@@ -260,8 +244,8 @@ LOOKUPS_PER_SLICE = 1024
 """The ids are checked and grouped by task in slices of at least this many lookups,
 up to :data:`SLICES_PER_THREAD` per thread."""
 
-_WORKSPACE: list[_Workspace] = []
-_STEP_LOCK = threading.Lock()  # the workspace serves one step at a time
+_SCRATCH: list[_Scratch] = []
+_STEP_LOCK = threading.Lock()  # the scratch serves one batch at a time
 
 
 def _task_bits(num_rows: int, threads: int) -> tuple[int, int]:
@@ -278,8 +262,8 @@ def _task_bits(num_rows: int, threads: int) -> tuple[int, int]:
 
 class _Frame:
     """The frame of compiled steps on one set of tables (:mod:`._sparse_kernels`' field
-    order), kept between steps with its scalars and counters: a step writes only the
-    fields that change (the gradient, the task split, the scratch)."""
+    order), kept between steps with its scalars, counters and the buffers its threads
+    share: a step writes only the fields that change (the gradient, the task split)."""
 
     def __init__(self, module: ModuleType, name: str, num_rows: int, tables: Sequence[Tensor],
                  counts: Tensor | None) -> None:
@@ -297,13 +281,68 @@ class _Frame:
             self.floats.ctypes.data, self.claims.ctypes.data,
             0 if counts is None else counts.data_ptr(), 0 if counts is None else num_rows]
         self.address = self.fields.ctypes.data
+        self.buffers = [np.empty(0, np.int64) for _ in range(4)]
+        self.buffer_addresses: tuple[int, ...] = ()
         for table in tables:
             hugepages.advise(table)
+
+    def prepare(self, lookups: int, parts: int, slices: int) -> tuple[int, ...]:
+        """Grow the shared buffers for ``lookups`` lookups in ``parts`` tasks and ``slices``
+        slices; return their addresses (part starts, part order, task order, slice
+        histograms)."""
+        import numpy as np
+
+        sizes = (parts + 1, lookups, parts, slices * parts)
+        if any(b.size < n for b, n in zip(self.buffers, sizes, strict=True)):
+            self.buffers = [b if b.size >= n else np.empty(n, np.int64)
+                            for b, n in zip(self.buffers, sizes, strict=True)]
+            self.buffer_addresses = tuple(b.ctypes.data for b in self.buffers)
+        return self.buffer_addresses
+
+
+class _Step(NamedTuple):
+    """A table's compiled step, queued in a batch: its frame, how many threads it is
+    given, and what must outlive it (the ids and values the frame points to, the dim-0
+    update counts of a gradient with several sparse dims, counted after the step)."""
+
+    frame: _Frame
+    threads: int
+    rows: Tensor
+    values: Tensor
+    dim0_counts: Tensor | None
+    num_rows: int
 
 
 _FRAMES: dict[tuple[Any, ...], _Frame] = {}
 MAX_FRAMES = 64
 """Frames kept (the cache is emptied when full); one per table set a process updates."""
+
+_QUEUE = threading.local()  # .steps: the open batch of this thread (by frame id), or None
+
+
+@contextmanager
+def batch() -> Iterator[None]:
+    """Run the compiled sparse steps started inside together, when the block ends.
+
+    Each table's step is queued by :func:`kernel_update`; at the end all of them
+    run in one parallel region (:func:`~._sparse_kernels.run_batch`): tables too
+    small for a thread each run side by side instead of one after another, and the
+    threads are woken once per step instead of once per table. Optimizers open one
+    around their whole step. Nested blocks join the outermost one. The steps run
+    also when the block raises (as they would have run one by one before the
+    error); an out-of-range row raises IndexError then (see :func:`kernel_update`).
+    """
+    if getattr(_QUEUE, "steps", None) is not None:
+        yield
+        return
+    steps: dict[int, _Step] = {}
+    _QUEUE.steps = steps
+    try:
+        yield
+    finally:
+        _QUEUE.steps = None
+        if steps:
+            _run_steps(list(steps.values()))
 
 
 def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
@@ -312,8 +351,10 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
 
     Float ``scalars`` are passed in the tables' dtype, an int (the row-wise weight
     decay mode) as it is. The step runs on up to ``torch.get_num_threads()``
-    threads: torch's OpenMP team where torch has one, else a thread pool with the
-    calling thread. A row out of range raises IndexError with nothing modified.
+    threads (one per :data:`ROWS_PER_THREAD` lookups): torch's OpenMP team where
+    torch has one, else a thread pool with the calling thread. Inside
+    :func:`batch` it is queued and runs when the batch ends. A row out of range
+    raises IndexError, with nothing of these tables modified.
     """
     lookups = grad.rows.numel()
     if lookups == 0:
@@ -338,59 +379,102 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
            *(t.shape[1] for t in tables), None if counts is None else counts.data_ptr())
     real = [x for x in scalars if isinstance(x, float)]
     mode = next((x for x in scalars if not isinstance(x, float)), 0)
+    queue: dict[int, _Step] | None = getattr(_QUEUE, "steps", None)
     with _STEP_LOCK:
         frame = _FRAMES.get(key)
         if frame is None:
             if len(_FRAMES) >= MAX_FRAMES:
                 _FRAMES.clear()
             frame = _FRAMES[key] = _Frame(module, name, grad.num_rows, tables, counts)
-        if not _WORKSPACE:
-            _WORKSPACE.append(_Workspace())
-        frame.floats[:len(real)] = real
-        # VALUES, LOOKUPS, IDS, NUM_PARTS, SHIFT, SLOTS, SLICES, MODE, then the scratch
-        frame.fields[module.VALUES:] = (
-            values.data_ptr(), lookups, rows.data_ptr(), 1 << bits, shift, threads, slices,
-            mode, *_WORKSPACE[0].prepare(lookups, 1 << bits, threads, slices))
-        claims = _run_on_threads(module, frame, threads, 1 << bits)
-    if claims[module.READY] == module.OUT_OF_RANGE:
-        raise IndexError(f"sparse gradient row {int(rows[int(claims[module.BAD])])} is out "
-                         f"of range for {grad.num_rows} rows")
-    if dim0_counts is not None:
-        count_touched(dim0_counts, torch.unique(grad.rows), grad.num_rows)
+    if queue is not None and id(frame) in queue:
+        # the same tables twice in a batch: the steps so far go first
+        steps = list(queue.values())
+        queue.clear()
+        _run_steps(steps)
+    frame.floats[:len(real)] = real
+    # VALUES, LOOKUPS, IDS, NUM_PARTS, SHIFT, SLICES, MODE, then the shared buffers
+    frame.fields[module.VALUES:module.SCRATCH] = (
+        values.data_ptr(), lookups, rows.data_ptr(), 1 << bits, shift, slices, mode,
+        *frame.prepare(lookups, 1 << bits, slices))
+    step = _Step(frame, threads, rows, values, dim0_counts, grad.num_rows)
+    if queue is None:
+        _run_steps([step])
+    else:
+        queue[id(frame)] = step
 
 
-def _run_on_threads(module: ModuleType, frame: _Frame, threads: int, tasks: int) -> Any:
-    """Each of ``threads`` threads runs ``module.run`` on the frame once; return the step's
-    counters once the step is done."""
+def _run_steps(steps: list[_Step]) -> None:
+    """Run queued steps as batches (one per table dtype) and count the dim-0 rows of
+    those with several sparse dims; then raise IndexError for the first step, in
+    queue order, that met a row out of range (the others are done)."""
+    module = kernels()
+    claims: dict[int, Any] = {}
+    for itemsize in sorted({step.frame.floats.itemsize for step in steps}):
+        same = [step for step in steps if step.frame.floats.itemsize == itemsize]
+        with _STEP_LOCK:
+            claims.update(zip(map(id, same), _run_on_threads(module, same), strict=True))
+    bad = None
+    for step in steps:
+        step_claims = claims[id(step)]
+        if step_claims[module.READY] == module.OUT_OF_RANGE:
+            bad = bad or (step, int(step_claims[module.BAD]))
+        elif step.dim0_counts is not None:
+            count_touched(step.dim0_counts, torch.unique(step.rows), step.num_rows)
+    if bad is not None:
+        step, lookup = bad
+        raise IndexError(f"sparse gradient row {int(step.rows[lookup])} is out of range for "
+                         f"{step.num_rows} rows")
+
+
+def _run_on_threads(module: ModuleType, steps: list[_Step]) -> list[Any]:
+    """Run ``steps`` (tables of one dtype) as one batch: each of the step's threads runs
+    ``module.run_batch`` once. Return each step's counters once all are done."""
     import numpy as np
 
-    lookups = frame.fields[module.LOOKUPS]
+    order = sorted(steps, key=lambda step: -int(step.frame.fields[module.LOOKUPS]))
+    entries = [step.frame for step in order for _ in range(step.threads)]
+    total = sum(int(step.frame.fields[module.LOOKUPS]) for step in steps)
+    threads = max(1, min(torch.get_num_threads(), total // ROWS_PER_THREAD, len(entries)))
+    if not _SCRATCH:
+        _SCRATCH.append(_Scratch())
+    scratch = _SCRATCH[0].prepare(
+        threads, max(int(step.frame.fields[module.LOOKUPS]) for step in steps))
+    batch = np.zeros(module.BATCH_HEADER + len(entries), np.int64)
+    batch[module.NUM_ENTRIES] = len(entries)
+    witness = steps[0].frame.floats[0]
     team = omp_parallel() if threads > 1 else None
     if team is not None or threads == 1:
-        claims = frame.claims
-        claims[:] = 0
-        claims[module.BAD] = lookups  # no bad lookup yet
+        for step in steps:
+            step.frame.fields[module.SCRATCH:] = scratch
+            step.frame.claims[:] = 0
+            step.frame.claims[module.BAD] = step.frame.fields[module.LOOKUPS]
+        batch[module.BATCH_HEADER:] = [frame.address for frame in entries]
         if team is not None:  # torch's OpenMP team: GOMP_parallel returns when all are done
-            team(module.team_entry(frame.floats.itemsize), frame.address, threads, 0)
+            team(module.team_entry(witness.itemsize), batch.ctypes.data, threads, 0)
         else:
-            module.run(frame.fields, frame.floats[0])
-        return claims
-    # a pool thread may start after the step is over: it gets the step's own frame and
-    # counters (kept alive here), finds no work left, and returns touching nothing else
-    witness = frame.floats[0]
-    claims = np.zeros_like(frame.claims)
-    claims[module.BAD] = lookups
-    step = frame.fields.copy()
-    step[module.CLAIMS] = claims.ctypes.data
+            module.run_batch(batch, witness)
+        return [step.frame.claims for step in steps]
+    # a pool thread may start after the step is over: it gets the step's own batch,
+    # frames and counters (kept alive here), finds no entry left, and returns touching
+    # nothing else
+    copies: dict[int, tuple[Any, Any]] = {}
+    for step in steps:
+        claims = np.zeros_like(step.frame.claims)
+        claims[module.BAD] = step.frame.fields[module.LOOKUPS]
+        fields = step.frame.fields.copy()
+        fields[module.CLAIMS] = claims.ctypes.data
+        fields[module.SCRATCH:] = scratch
+        copies[id(step.frame)] = (fields, claims)
+    batch[module.BATCH_HEADER:] = [copies[id(frame)][0].ctypes.data for frame in entries]
 
-    def share(step: Any = step, claims: Any = claims) -> int:  # holds both until it returns
-        return int(module.run(step, witness))
+    def share(batch: Any = batch, copies: Any = copies) -> int:  # holds them until it returns
+        return int(module.run_batch(batch, witness))
 
     futures = [_pool(threads - 1).submit(share) for _ in range(threads - 1)]
-    if module.run(step, witness) < tasks:  # another thread took tasks: wait until it is done
-        for future in futures:
+    if module.run_batch(batch, witness) < len(entries):  # another thread took entries:
+        for future in futures:  # wait until it is done
             future.result()
-    return claims
+    return [copies[id(step.frame)][1] for step in steps]
 
 
 _OMP: list[Any] = []

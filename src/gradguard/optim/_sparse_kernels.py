@@ -1,12 +1,17 @@
 """Compiled CPU kernels for row-sparse updates (numba; ``pip install gradguard[fast]``).
 
 Imported on first use by :mod:`gradguard.optim._sparse`, never by ``import
-gradguard``. A sparse step is one call of :func:`run` by each thread of the step, on torch's
-own OpenMP team (:func:`team_entry`, started with ``GOMP_parallel``, so the step
-neither waits for new threads nor competes with torch's idle workers for the
-cores) or else on a thread pool. Every phase hands out its work with atomic
-counters, so that any number of threads, one included, finishes it, and a late or
-preempted thread delays the step by one piece of work only:
+gradguard``. An optimizer step updates its sparse tables as one *batch*: each
+thread of the step calls :func:`run_batch` once, on torch's own OpenMP team
+(:func:`team_entry`, started with ``GOMP_parallel``, so the step neither waits for
+new threads nor competes with torch's idle workers for the cores) or else on a
+thread pool. The batch lists each table's *frame* once per thread the table is
+given (one per :data:`~gradguard.optim._sparse.ROWS_PER_THREAD` lookups), largest
+tables first: small tables run side by side, one thread each, and a large one on
+several. A thread claims entries in turn and does its share of each one's frame
+(:func:`run`). Every phase of a frame hands out its work with atomic counters, so
+that any number of threads, one included, finishes it, and a late or preempted
+thread delays the step by one piece of work only:
 
 1. the lookups are cut into *slices*; for each slice a thread checks that every
    row is in range and counts its lookups per *task* (a range of ``2**shift``
@@ -23,9 +28,10 @@ preempted thread delays the step by one piece of work only:
    :func:`_sparse_adam_rows`, :func:`_ftrl_rows`, :func:`_rowwise_adagrad_rows`),
    prefetching rows and values ahead.
 
-Between the phases threads wait for each other by spinning on a flag (a few
-microseconds). An out-of-range row stops the step after phase 1, before anything
-is written: the flag says so and the counters hold the first bad lookup.
+Between the phases the threads of a frame wait for each other by spinning on a
+flag (a few microseconds); they wait only for threads already working on the same
+frame. An out-of-range row stops that table's step after phase 1, before anything
+of it is written: its flag says so and its counters hold the first bad lookup.
 
 Ascending rows matter on large tables: consecutive rows share pages, so a step
 walks the page tables once per page rather than once per row, and the memory
@@ -60,33 +66,44 @@ lookups are scattered over the values, so each would otherwise wait for memory."
 DIGIT_BITS = 11
 """Widest radix-sort digit: a 2,048-bucket histogram (16 KiB) stays in L1."""
 
+MIN_DIGIT_BITS = 4
+"""Narrowest radix-sort digit; between the two, a task of ``n`` lookups sorts with digits of
+at most ``2 * n`` buckets."""
+
 LOOKUP_BITS = 32
 """A sort key holds the row's low bits above the lookup number's 32 bits."""
 
-# The frame: one int64 array describing a step, read by every thread's `run`. The
-# fields fixed by the tables come first, then those written for each step, then the
-# addresses of the step's scratch.
+# The frame: one int64 array describing a table's step, read by every thread's `run`.
+# The fields fixed by the tables come first, then those written for each step, then
+# the addresses of the frame's own buffers (shared by the threads of the frame), then
+# the per-thread scratch of the batch (`SLOTS` threads, rows of `STRIDE` int64).
 KERNEL, NUM_ROWS, WIDTH, STATE_WIDTH, TABLE0, TABLE1, TABLE2, FLOATS, CLAIMS = range(9)
 COUNTS, NUM_COUNTS = 9, 10
-VALUES, LOOKUPS, IDS, NUM_PARTS, SHIFT, SLOTS, SLICES, MODE = range(11, 19)
-PARTS, PART_ORDER, TASK_ORDER, SCRATCH, HIST, SLICE_HIST = range(19, 25)
-FRAME_SIZE = 25
+VALUES, LOOKUPS, IDS, NUM_PARTS, SHIFT, SLICES, MODE = range(11, 18)
+PARTS, PART_ORDER, TASK_ORDER, SLICE_HIST = range(18, 22)
+SCRATCH, HIST, SLOTS, STRIDE = range(22, 26)
+FRAME_SIZE = 26
 KERNELS = {"adagrad": 0, "sparse_adam": 1, "ftrl": 2, "rowwise_adagrad": 3}
 """Kernel numbers (``frame[KERNEL]``) by name; ``frame[STATE_WIDTH]`` is 1 for
 ``rowwise_adagrad``, else ``frame[WIDTH]``."""
 ADAGRAD, SPARSE_ADAM, FTRL = KERNELS["adagrad"], KERNELS["sparse_adam"], KERNELS["ftrl"]
 
-# The step's counters (``frame[CLAIMS]``, int64): the next scratch slot, task, slice to
-# count and slice to scatter; how many slices are counted and scattered; the phase
-# flag; the first out-of-range lookup (``lookups`` while there is none).
-CLAIM_SLOT, CLAIM_TASK, CLAIM_COUNT, CLAIM_SCATTER, COUNTED, SCATTERED, READY, BAD = range(8)
-NUM_CLAIMS = 8
+# A frame's counters (``frame[CLAIMS]``, int64): the next task, slice to count and
+# slice to scatter; how many slices are counted and scattered; the phase flag; the
+# first out-of-range lookup (``lookups`` while there is none).
+CLAIM_TASK, CLAIM_COUNT, CLAIM_SCATTER, COUNTED, SCATTERED, READY, BAD = range(7)
+NUM_CLAIMS = 7
 COUNTING, OFFSETS_READY, PARTITIONED, OUT_OF_RANGE = 0, 1, 2, -1
 """``claims[READY]``: counting; offsets ready (scatter); lookups grouped by task (update);
 a row out of range (stop)."""
 
 SCRATCH_ARRAYS = 5
 """Per-thread scratch rows: two sort buffers, then unique rows, starts, order."""
+
+# The batch (int64): the next entry and the next thread slot (counters), the number
+# of entries, then the entries: frame addresses.
+NEXT_ENTRY, NEXT_SLOT, NUM_ENTRIES = range(3)
+BATCH_HEADER = 3
 
 jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
@@ -257,7 +274,13 @@ def _group_task(rows: Any, part_order: Any, lo: int, hi: int, shift: int, task: 
     for i in range(n):
         lookup = part_order[lo + i]
         src[i] = ((rows[lookup] & low_mask) << LOOKUP_BITS) | lookup
-    passes = (shift + DIGIT_BITS - 1) // DIGIT_BITS
+    # digits narrow enough that a pass's histogram is not much larger than the keys:
+    # clearing and scanning 2,048 buckets for a few dozen keys (a small table's task)
+    # would cost more than sorting them
+    widest = DIGIT_BITS
+    while widest > MIN_DIGIT_BITS and 1 << widest > 2 * n:
+        widest -= 1
+    passes = (shift + widest - 1) // widest
     if n > 1 and passes:
         digit = (shift + passes - 1) // passes
         buckets = 1 << digit
@@ -551,15 +574,14 @@ def _partition(rows: Any, num_rows: int, shift: int, slice_hist: Any, part_start
 
 
 @jit
-def run(frame: Any, witness: Any) -> int:
-    """One thread's share of the step ``frame`` describes; returns how many tasks it did.
+def run(frame: Any, witness: Any, slot: int) -> None:
+    """One thread's share of the table step ``frame`` describes, with scratch ``slot``.
 
-    Every thread of the step calls it once: it takes a scratch slot, shares in
-    grouping the lookups by task (:func:`_partition`), then claims tasks, largest
-    first, until none is left, and for each groups the task's lookups by row and
-    updates its distinct rows with kernel ``frame[KERNEL]``. ``witness`` (a zero of
-    the tables' dtype) types the tables. Claiming inside the compiled code keeps the
-    GIL out of the loop.
+    Every thread given the frame calls it once: it shares in grouping the lookups by
+    task (:func:`_partition`), then claims tasks, largest first, until none is left,
+    and for each groups the task's lookups by row and updates its distinct rows with
+    kernel ``frame[KERNEL]``. ``witness`` (a zero of the tables' dtype) types the
+    tables. Claiming inside the compiled code keeps the GIL out of the loop.
     """
     index = np.int64(0)
     num_rows, width, lookups = frame[NUM_ROWS], frame[WIDTH], frame[LOOKUPS]
@@ -574,29 +596,25 @@ def run(frame: Any, witness: Any) -> int:
     part_starts = carray(_pointer(frame[PARTS], index), (parts + 1,))
     part_order = carray(_pointer(frame[PART_ORDER], index), (lookups,))
     task_order = carray(_pointer(frame[TASK_ORDER], index), (parts,))
-    scratch = carray(_pointer(frame[SCRATCH], index),
-                     (frame[SLOTS], SCRATCH_ARRAYS, lookups + 1))
-    hist = carray(_pointer(frame[HIST], index), (frame[SLOTS], 1 << DIGIT_BITS))
     slice_hist = carray(_pointer(frame[SLICE_HIST], index), (frame[SLICES], parts))
+    mine = carray(_pointer(frame[SCRATCH], index),
+                  (frame[SLOTS], SCRATCH_ARRAYS, frame[STRIDE]))[slot]
+    hist = carray(_pointer(frame[HIST], index), (frame[SLOTS], 1 << DIGIT_BITS))[slot]
     claims = carray(_pointer(frame[CLAIMS], index), (NUM_CLAIMS,))
     counts = carray(_pointer(frame[COUNTS], index), (frame[NUM_COUNTS],))
-    slot = _claim(claims, CLAIM_SLOT)
     if not _partition(rows, num_rows, frame[SHIFT], slice_hist, part_starts, part_order,
                       task_order, claims):
-        return 0
-    mine = scratch[slot]
+        return
     unique, starts, order = mine[2], mine[3], mine[4]
-    done = 0
     while True:
         claimed = _claim(claims, CLAIM_TASK)
         if claimed >= parts:
-            return done
-        done += 1
+            return
         task = task_order[claimed]
         lo, hi = part_starts[task], part_starts[task + 1]
         if hi == lo:
             continue
-        count = _group_task(rows, part_order, lo, hi, frame[SHIFT], task, mine, hist[slot])
+        count = _group_task(rows, part_order, lo, hi, frame[SHIFT], task, mine, hist)
         if kernel == ADAGRAD:
             _adagrad_rows(param, table1, values, unique, starts, order, 0, count, floats[0],
                           floats[1], floats[2], counts)
@@ -612,15 +630,37 @@ def run(frame: Any, witness: Any) -> int:
                                   floats[4], floats[5], floats[6], counts)
 
 
+@jit
+def run_batch(batch: Any, witness: Any) -> int:
+    """One thread's share of a batch of table steps; returns how many entries it took.
+
+    Every thread of the step calls it once: it takes a scratch slot, then claims
+    entries in turn until none is left and does its share of each one's frame
+    (:func:`run`). A frame listed ``k`` times is shared by at most ``k`` threads; a
+    thread that comes to a frame its others have finished finds no work there.
+    """
+    slot = _claim(batch, NEXT_SLOT)
+    taken = 0
+    while True:
+        entry = _claim(batch, NEXT_ENTRY)
+        if entry >= batch[NUM_ENTRIES]:
+            return taken
+        taken += 1
+        run(carray(_pointer(batch[BATCH_HEADER + entry], np.int64(0)), (FRAME_SIZE,)),
+            witness, slot)
+
+
 # GOMP_parallel takes a C function: one per dtype, compiled on first use. numba
 # caches compiled code of module-level functions only (not of closures), so both
 # are written out.
-def _entry32(frame: Any) -> None:
-    run(carray(frame, (FRAME_SIZE,), np.int64), np.float32(0))
+def _entry32(batch: Any) -> None:
+    header = carray(batch, (BATCH_HEADER,), np.int64)
+    run_batch(carray(batch, (BATCH_HEADER + header[NUM_ENTRIES],), np.int64), np.float32(0))
 
 
-def _entry64(frame: Any) -> None:
-    run(carray(frame, (FRAME_SIZE,), np.int64), np.float64(0))
+def _entry64(batch: Any) -> None:
+    header = carray(batch, (BATCH_HEADER,), np.int64)
+    run_batch(carray(batch, (BATCH_HEADER + header[NUM_ENTRIES],), np.int64), np.float64(0))
 
 
 _ENTRY_BODIES = {4: _entry32, 8: _entry64}
@@ -628,8 +668,8 @@ _ENTRIES: dict[int, Any] = {}  # the compiled cfuncs: their code lives as long a
 
 
 def team_entry(itemsize: int) -> int:
-    """The address of ``void entry(int64 *frame)``, which runs :func:`run` on tables of
-    ``itemsize``-byte floats (for ``GOMP_parallel``: every thread of the team calls it)."""
+    """The address of ``void entry(int64 *batch)``, which runs :func:`run_batch` on tables
+    of ``itemsize``-byte floats (for ``GOMP_parallel``: every thread of the team calls it)."""
     if itemsize not in _ENTRIES:
         _ENTRIES[itemsize] = numba.cfunc(types.void(types.voidptr),
                                          cache=True)(_ENTRY_BODIES[itemsize])

@@ -23,12 +23,14 @@ Subclasses implement :meth:`_init_state` (create one parameter's state) and
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from . import _sparse
 from ._validation import Choice, Rule
 
 IMPLS: tuple[str, ...] = ("auto", "reference", "foreach", "fused")
@@ -339,10 +341,12 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         scaling = (StepScaling(grad_scale, found_inf)
                    if grad_scale is not None or found_inf is not None else None)
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                self._step_group(group, params, scaling)
+        # the compiled sparse steps of all tables run together, once the groups are done
+        with _sparse.batch() if self.sparse_gradients else contextlib.nullcontext():
+            for group in self.param_groups:
+                params = [p for p in group["params"] if p.grad is not None]
+                if params:
+                    self._step_group(group, params, scaling)
         return loss
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor],

@@ -1,0 +1,192 @@
+"""A step's sparse tables run as one batch of compiled steps (``_sparse.batch``).
+
+An optimizer queues each table's compiled step and runs them all in one parallel
+region at the end of ``step()``: tables too small for a thread each run side by
+side, a large one on several threads. The result is each table's own step, as
+the torch-ops path computes it, whatever the threads; a bad id in one table
+stops that table's step only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+import gradguard.optim as go
+from gradguard.optim import _sparse
+from gradguard.optim.ftrl import FTRL
+from gradguard.optim.rowwise import RowWiseAdagrad
+from tests.optim.test_sparse_adagrad import (
+    ZipfLookups,
+    assert_close,
+    make_tables,
+    needs_kernels,
+    one_thread,  # noqa: F401 (autouse fixture)
+)
+
+pytestmark = [pytest.mark.filterwarnings("ignore:Sparse invariant checks"), needs_kernels]
+
+# (rows, dim): one row, tiny, small and larger tables, dims from 1 to 9
+MANY_TABLES = ((1, 2), (3, 1), (40, 3), (97, 6), (500, 4), (2_000, 9), (5_000, 2), (64, 5))
+LOOKUPS = 300
+
+Factory = Callable[[list[torch.nn.Parameter], str], torch.optim.Optimizer]
+ALGORITHMS: dict[str, tuple[Factory, list[str]]] = {
+    "adagrad": (lambda ps, impl: go.Adagrad(ps, lr=0.1, lr_decay=0.01,
+                                            initial_accumulator_value=0.1, impl=impl), ["sum"]),
+    "sparse_adam": (lambda ps, impl: go.SparseAdam(ps, lr=0.01, impl=impl),
+                    ["exp_avg", "exp_avg_sq"]),
+    "ftrl": (lambda ps, impl: FTRL(ps, lr=0.1, l1=0.01, l2=0.1, impl=impl), ["z", "n"]),
+    "rowwise_adagrad": (lambda ps, impl: RowWiseAdagrad(ps, lr=0.1, weight_decay=0.01,
+                                                        impl=impl), ["sum"]),
+}
+
+
+@pytest.fixture(params=["openmp", "pool"])
+def team(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """torch's OpenMP team (GOMP_parallel), or the thread pool used without one."""
+    if request.param == "pool":
+        monkeypatch.setattr(_sparse, "omp_parallel", lambda: None)
+    elif _sparse.omp_parallel() is None:
+        pytest.skip("torch runs without an OpenMP runtime here")
+    yield request.param
+
+
+def threads(count: int) -> Callable[[], None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    return lambda: torch.set_num_threads(before)
+
+
+def run_steps(make: Factory, impl: str, steps: int, count: int = 1,
+              dtype: torch.dtype = torch.float64,
+              ) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    params = make_tables(seed=3, dtype=dtype, tables=MANY_TABLES)
+    optimizer = make(params, impl)
+    stream = ZipfLookups(MANY_TABLES, seed=3, lookups=LOOKUPS, dtype=dtype)
+    restore = threads(count)
+    try:
+        for t in range(steps):
+            stream.apply(params, t)
+            optimizer.step()
+    finally:
+        restore()
+    return params, optimizer
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_many_tables_in_one_step_equal_the_torch_ops_on_any_threads(
+        name: str, team: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 8 tables of 300 lookups (some steps with empty gradients or none); with one
+    # thread per 128 lookups each table is given up to 2 of the 3 threads, and the
+    # tables share the threads of the step
+    monkeypatch.setattr(_sparse, "ROWS_PER_THREAD", 128)
+    make, keys = ALGORITHMS[name]
+    ref, ref_opt = run_steps(make, "reference", 20)
+    one, one_opt = run_steps(make, "auto", 20, count=1)
+    three, three_opt = run_steps(make, "auto", 20, count=3)
+    tol = 1e-12 if name != "rowwise_adagrad" else 1e-11  # the mean square sums in another order
+    assert_close(one, ref, tol)
+    for key in keys:
+        assert_close([one_opt.state[p][key] for p in one],
+                     [ref_opt.state[p][key] for p in ref], tol, f"state {key!r} of")
+    # the threads change nothing: each row is summed and updated by one thread, in order
+    assert all(torch.equal(a, b) for a, b in zip(one, three, strict=True))
+    for key in keys:
+        assert all(torch.equal(one_opt.state[a][key], three_opt.state[b][key])
+                   for a, b in zip(one, three, strict=True))
+
+
+def test_float32_and_float64_tables_in_one_step(team: str) -> None:
+    # one batch per dtype (the compiled code is typed by the tables' dtype)
+    def mixed(seed: int) -> list[torch.nn.Parameter]:
+        tables = make_tables(seed=seed, tables=MANY_TABLES[2:6])
+        return [torch.nn.Parameter(p.detach().float()) if i % 2 else p
+                for i, p in enumerate(tables)]
+
+    ours, ref = mixed(1), mixed(1)
+    opt = go.Adagrad(ours, lr=0.1)
+    ref_opt = go.Adagrad(ref, lr=0.1, impl="reference")
+    stream = ZipfLookups(MANY_TABLES[2:6], seed=1, lookups=LOOKUPS, gaps=False)
+    restore = threads(2)
+    try:
+        for t in range(10):
+            for params, optimizer in ((ours, opt), (ref, ref_opt)):
+                for i, p in enumerate(params):
+                    grad = stream.grad(i, t)
+                    assert grad is not None
+                    p.grad = grad.to(p.dtype)
+                optimizer.step()
+    finally:
+        restore()
+    for a, b in zip(ours, ref, strict=True):
+        assert a.dtype == b.dtype
+        assert (a - b).abs().max() <= (1e-5 if a.dtype == torch.float32 else 1e-12)
+
+
+def test_a_bad_id_stops_its_own_table_and_names_it(team: str) -> None:
+    # the bad table and its state are left as they were; the other tables take
+    # their step, as they would have alone
+    tables = make_tables(seed=2, tables=MANY_TABLES[2:5])
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in tables]
+    opt = go.Adagrad(tables, lr=0.1, initial_accumulator_value=0.5)
+    ref_opt = go.Adagrad(ref, lr=0.1, initial_accumulator_value=0.5, impl="reference")
+    stream = ZipfLookups(MANY_TABLES[2:5], seed=2, lookups=LOOKUPS, gaps=False)
+    rows = MANY_TABLES[3][0]
+    for p in tables:
+        p.grad = None
+    grads = [stream.grad(i, 0) for i in range(3)]
+    bad_ids = grads[1]._indices().clone()
+    bad_ids[0, 17] = rows + 4
+    grads[1] = torch.sparse_coo_tensor(bad_ids, grads[1]._values(), grads[1].shape)
+    for p, grad in zip(tables, grads, strict=True):
+        p.grad = grad
+    ref[0].grad, ref[2].grad = grads[0], grads[2]
+    before = tables[1].detach().clone()
+    restore = threads(2)
+    try:
+        with pytest.raises(IndexError, match=f"row {rows + 4} is out of range for {rows} rows"):
+            opt.step()
+        ref_opt.step()
+    finally:
+        restore()
+    assert torch.equal(tables[1], before)
+    assert torch.equal(opt.state[tables[1]]["sum"], torch.full_like(before, 0.5))
+    for i in (0, 2):
+        assert_close([tables[i], opt.state[tables[i]]["sum"]],
+                     [ref[i], ref_opt.state[ref[i]]["sum"]], 1e-12)
+
+
+def test_the_same_tables_twice_in_a_batch_step_one_after_the_other() -> None:
+    # a batch runs the steps queued so far before it queues the same tables again
+    table = make_tables(seed=4, tables=[(200, 3)])[0].detach()
+    sums = torch.full_like(table, 0.1)
+    twice = [table.clone(), sums.clone()]
+    gen = torch.Generator().manual_seed(4)
+    grads = [_sparse.RowGrad(torch.randint(0, 200, (500,), generator=gen),
+                             torch.randn(500, 3, generator=gen, dtype=torch.float64), 200)
+             for _ in range(2)]
+    for grad in grads:
+        _sparse.kernel_update("adagrad", grad, [table, sums], [-0.1, 1e-10, 1.0], None)
+    with _sparse.batch():
+        for grad in grads:
+            _sparse.kernel_update("adagrad", grad, twice, [-0.1, 1e-10, 1.0], None)
+    assert torch.equal(twice[0], table)
+    assert torch.equal(twice[1], sums)
+
+
+def test_a_batch_block_that_raises_still_runs_its_queued_steps() -> None:
+    # as the steps would have run one by one before the error
+    table = make_tables(seed=5, tables=[(50, 2)])[0].detach()
+    sums = torch.zeros_like(table)
+    grad = _sparse.RowGrad(torch.tensor([3, 7, 3]), torch.ones(3, 2, dtype=torch.float64), 50)
+    before = table.clone()
+    with pytest.raises(RuntimeError, match="after the first table"), _sparse.batch():
+        _sparse.kernel_update("adagrad", grad, [table, sums], [-0.1, 1e-10, 1.0], None)
+        assert torch.equal(table, before)  # queued, not run yet
+        raise RuntimeError("after the first table")
+    changed = (table != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [3, 7]
+    assert sums[3].tolist() == [4.0, 4.0]
