@@ -10,6 +10,7 @@ stops that table's step only.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -190,3 +191,25 @@ def test_a_batch_block_that_raises_still_runs_its_queued_steps() -> None:
     changed = (table != before).any(dim=1).nonzero().flatten().tolist()
     assert changed == [3, 7]
     assert sums[3].tolist() == [4.0, 4.0]
+
+
+def test_frames_are_kept_per_table_set_least_recently_used_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a step's frame (its fields, counters and shared buffers) is made once per set of
+    # tables: a model with many tables must not make them anew every step
+    monkeypatch.setattr(_sparse, "_FRAMES", type(_sparse._FRAMES)())
+    monkeypatch.setattr(_sparse, "MAX_FRAMES", 3)
+    tables = [torch.zeros(30, 2, dtype=torch.float64) for _ in range(4)]
+    sums = [torch.zeros(30, 2, dtype=torch.float64) for _ in range(4)]
+    grad = _sparse.RowGrad(torch.tensor([1, 2, 2]), torch.ones(3, 2, dtype=torch.float64), 30)
+
+    def step(i: int) -> Any:
+        _sparse.kernel_update("adagrad", grad, [tables[i], sums[i]], [-0.1, 1e-10, 1.0], None)
+        return next(reversed(_sparse._FRAMES.values()))  # the frame just used
+
+    first = [step(i) for i in range(3)]
+    assert step(0) is first[0]  # kept, and now the most recently used
+    step(3)  # evicts table 1's frame, the least recently used
+    assert step(0) is first[0] and step(2) is first[2]
+    assert step(1) is not first[1]
+    assert sums[0][2].tolist() == [12.0, 12.0]  # three steps of 2 lookups of row 2: 3 * 2**2

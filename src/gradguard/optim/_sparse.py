@@ -28,6 +28,7 @@ import importlib.util
 import math
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -313,11 +314,12 @@ class _Step(NamedTuple):
     num_rows: int
 
 
-_FRAMES: dict[tuple[Any, ...], _Frame] = {}
-MAX_FRAMES = 64
-"""Frames kept (the cache is emptied when full); one per table set a process updates."""
+_FRAMES: OrderedDict[tuple[Any, ...], _Frame] = OrderedDict()
+MAX_FRAMES = 1024
+"""Frames kept, one per table set a process updates (the least recently used goes when
+full): a model with hundreds of tables keeps all of its frames."""
 
-_QUEUE = threading.local()  # .steps: the open batch of this thread (by frame id), or None
+_QUEUE = threading.local()  # .steps: this thread's open batch, by parameter address; or None
 
 
 @contextmanager
@@ -383,11 +385,14 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
     with _STEP_LOCK:
         frame = _FRAMES.get(key)
         if frame is None:
-            if len(_FRAMES) >= MAX_FRAMES:
-                _FRAMES.clear()
+            while len(_FRAMES) >= MAX_FRAMES:
+                _FRAMES.popitem(last=False)
             frame = _FRAMES[key] = _Frame(module, name, grad.num_rows, tables, counts)
-    if queue is not None and id(frame) in queue:
-        # the same tables twice in a batch: the steps so far go first
+        else:
+            _FRAMES.move_to_end(key)
+    address = tables[0].data_ptr()
+    if queue is not None and address in queue:
+        # the same parameter twice in a batch: the steps so far go first
         steps = list(queue.values())
         queue.clear()
         _run_steps(steps)
@@ -400,7 +405,7 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
     if queue is None:
         _run_steps([step])
     else:
-        queue[id(frame)] = step
+        queue[address] = step
 
 
 def _run_steps(steps: list[_Step]) -> None:
