@@ -144,7 +144,8 @@ def main() -> None:
     tables = [torch.nn.Parameter(torch.randn(rows, dim, generator=gen) * 0.01)
               for _ in range(count)]
     values = torch.randn(lookups, dim, generator=gen) * 0.01  # every table's, with its own ids
-    dense_grad = torch.randn(rows, dim, generator=gen) * 0.01
+    # each table its own dense gradient: a shared one would stay in cache between tables
+    dense_grads = [torch.randn(rows, dim, generator=gen) * 0.01 for _ in tables]
     kernel = _sparse.kernels_installed()
     mib = count * rows * dim * 4 / 2**20
     # arrays of at least 256 MiB: smaller ones would partly stream from the last-level cache
@@ -186,7 +187,7 @@ def main() -> None:
         for rep in range(args.reps + 2):  # the first two warm up (kernel compilation, caches)
             for method in balanced_order(methods, rep):
                 ids = [draw() for _ in tables]
-                for table, table_ids in zip(tables, ids, strict=True):
+                for table, table_ids, dense_grad in zip(tables, ids, dense_grads, strict=True):
                     table.grad = (dense_grad if method.dense else torch.sparse_coo_tensor(
                         table_ids.unsqueeze(0), values, (rows, dim)))
                 t0 = time.perf_counter()
