@@ -284,6 +284,7 @@ class _Frame:
         self.address = self.fields.ctypes.data
         self.buffers = [np.empty(0, np.int64) for _ in range(4)]
         self.buffer_addresses: tuple[int, ...] = ()
+        self.capacity = (-1, -1, -1)  # (lookups, tasks, slices x tasks) the buffers hold
         for table in tables:
             hugepages.advise(table)
 
@@ -293,11 +294,13 @@ class _Frame:
         histograms)."""
         import numpy as np
 
-        sizes = (parts + 1, lookups, parts, slices * parts)
-        if any(b.size < n for b, n in zip(self.buffers, sizes, strict=True)):
+        held_lookups, held_parts, held_slices = self.capacity
+        if lookups > held_lookups or parts > held_parts or slices * parts > held_slices:
+            sizes = (parts + 1, lookups, parts, slices * parts)
             self.buffers = [b if b.size >= n else np.empty(n, np.int64)
                             for b, n in zip(self.buffers, sizes, strict=True)]
             self.buffer_addresses = tuple(b.ctypes.data for b in self.buffers)
+            self.capacity = (self.buffers[1].size, self.buffers[2].size, self.buffers[3].size)
         return self.buffer_addresses
 
 
@@ -377,8 +380,8 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
     threads = max(1, min(torch.get_num_threads(), lookups // ROWS_PER_THREAD))
     bits, shift = _task_bits(grad.num_rows, threads)
     slices = max(1, min(SLICES_PER_THREAD * threads, lookups // LOOKUPS_PER_SLICE))
-    key = (name, grad.num_rows, tables[0].dtype, *(t.data_ptr() for t in tables),
-           *(t.shape[1] for t in tables), None if counts is None else counts.data_ptr())
+    key = (name, grad.num_rows, tables[0].dtype, *[t.data_ptr() for t in tables],
+           *[t.shape[1] for t in tables], None if counts is None else counts.data_ptr())
     real = [x for x in scalars if isinstance(x, float)]
     mode = next((x for x in scalars if not isinstance(x, float)), 0)
     queue: dict[int, _Step] | None = getattr(_QUEUE, "steps", None)
