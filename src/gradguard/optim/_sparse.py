@@ -246,6 +246,7 @@ LOOKUPS_PER_SLICE = 1024
 up to :data:`SLICES_PER_THREAD` per thread."""
 
 _SCRATCH: list[_Scratch] = []
+_SPLITS: dict[tuple[int, int], tuple[int, int]] = {}  # _task_bits by (rows, threads)
 _STEP_LOCK = threading.Lock()  # the scratch serves one batch at a time
 
 
@@ -350,12 +351,12 @@ def batch() -> Iterator[None]:
             _run_steps(list(steps.values()))
 
 
-def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
-                  scalars: Sequence[float | int], counts: Tensor | None) -> None:
+def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor], scalars: Sequence[float],
+                  counts: Tensor | None, mode: int = 0) -> None:
     """Run kernel ``name`` on ``tables`` (the parameter and its state) for ``grad``.
 
-    Float ``scalars`` are passed in the tables' dtype, an int (the row-wise weight
-    decay mode) as it is. The step runs on up to ``torch.get_num_threads()``
+    ``scalars`` are passed in the tables' dtype, ``mode`` (the row-wise weight decay
+    mode) as it is. The step runs on up to ``torch.get_num_threads()``
     threads (one per :data:`ROWS_PER_THREAD` lookups): torch's OpenMP team where
     torch has one, else a thread pool with the calling thread. Inside
     :func:`batch` it is queued and runs when the batch ends. A row out of range
@@ -378,12 +379,13 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
     else:
         dim0_counts = None
     threads = max(1, min(torch.get_num_threads(), lookups // ROWS_PER_THREAD))
-    bits, shift = _task_bits(grad.num_rows, threads)
+    split = _SPLITS.get((grad.num_rows, threads))
+    if split is None:
+        split = _SPLITS[(grad.num_rows, threads)] = _task_bits(grad.num_rows, threads)
+    bits, shift = split
     slices = max(1, min(SLICES_PER_THREAD * threads, lookups // LOOKUPS_PER_SLICE))
     key = (name, grad.num_rows, tables[0].dtype, *[t.data_ptr() for t in tables],
            *[t.shape[1] for t in tables], None if counts is None else counts.data_ptr())
-    real = [x for x in scalars if isinstance(x, float)]
-    mode = next((x for x in scalars if not isinstance(x, float)), 0)
     queue: dict[int, _Step] | None = getattr(_QUEUE, "steps", None)
     with _STEP_LOCK:
         frame = _FRAMES.get(key)
@@ -399,7 +401,7 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor],
         steps = list(queue.values())
         queue.clear()
         _run_steps(steps)
-    frame.floats[:len(real)] = real
+    frame.floats[:len(scalars)] = scalars
     # VALUES, LOOKUPS, IDS, NUM_PARTS, SHIFT, SLICES, MODE, then the shared buffers
     frame.fields[module.VALUES:module.SCRATCH] = (
         values.data_ptr(), lookups, rows.data_ptr(), 1 << bits, shift, slices, mode,

@@ -158,8 +158,8 @@ class RowWiseAdagrad(Optimizer):
             _sparse.kernel_update(
                 "rowwise_adagrad", rows, [table, sums],
                 [arguments["lr"], arguments["eps"], arguments["weight_decay"],
-                 _MODE_CODES[arguments["mode"]], -1.0 if arguments["maximize"] else 1.0,
-                 0.0, 1.0, float(table.shape[1])], counts)
+                 -1.0 if arguments["maximize"] else 1.0, 0.0, 1.0, float(table.shape[1])],
+                counts, mode=_MODE_CODES[arguments["mode"]])
             return
         touched, values = _sparse.coalesce(rows)
         weights = table.index_select(0, touched).to(sums.dtype)
