@@ -274,8 +274,9 @@ def test_kernels_find_torchs_openmp_team() -> None:
 @needs_kernels
 @pytest.mark.parametrize("rows,lookups", [(1, 5), (2, 7), (300_000, 500), (5_000, 3_000)])
 def test_kernel_groups_any_table_size_like_torch_ops(rows: int, lookups: int) -> None:
-    # the kernels split the lookups into row ranges and radix-sort each by row (one
-    # digit pass for small tables, two for 300,000 rows); one row looked up 200 times
+    # the kernels split the lookups into row ranges and radix-sort each by row, in
+    # digits of at most 11 bits and narrower for tasks of few lookups (no pass for a
+    # 2-row table, two for 5,000 rows, three for 300,000); one row looked up 200 times
     # and runs of neighbouring rows included
     gen = torch.Generator().manual_seed(rows)
     ids = torch.cat([torch.randint(0, rows, (lookups,), generator=gen),
