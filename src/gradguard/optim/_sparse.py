@@ -360,7 +360,7 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor], scalars: S
     threads (one per :data:`ROWS_PER_THREAD` lookups): torch's OpenMP team where
     torch has one, else a thread pool with the calling thread. Inside
     :func:`batch` it is queued and runs when the batch ends. A row out of range
-    raises IndexError, with nothing of these tables modified.
+    raises IndexError, with no row of these tables modified.
     """
     lookups = grad.rows.numel()
     if lookups == 0:
