@@ -220,8 +220,10 @@ def test_kernel_runs_on_several_threads_like_one(team: str,
 @pytest.mark.parametrize("team", ["openmp", "pool"])
 def test_kernel_refuses_the_first_out_of_range_row_on_several_threads(
         team: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # the threads check the ids slice by slice, together; the error names the first bad
-    # lookup's row (not the first one a thread happened to meet) and nothing is written
+    # the kernel's own check (the optimizers check the ids before a step; the kernel
+    # checks again, so that it never writes outside a table): the threads check the ids
+    # slice by slice, together; the error names the first bad lookup's row (not the
+    # first one a thread happened to meet) and nothing is written
     if team == "pool":
         monkeypatch.setattr(_sparse, "omp_parallel", lambda: None)
     monkeypatch.setattr(_sparse, "ROWS_PER_THREAD", 100)
@@ -229,23 +231,21 @@ def test_kernel_refuses_the_first_out_of_range_row_on_several_threads(
     rows = 1_000
     ids = torch.randint(0, rows, (3_000,), generator=torch.Generator().manual_seed(0))
     ids[2_900], ids[1_234], ids[2_000] = -3, rows + 7, rows  # the first is lookup 1,234
-    table = torch.nn.Parameter(torch.randn(rows, 4, dtype=torch.float64))
-    opt = go.Adagrad([{"params": [table], "count_row_updates": True}], lr=0.1,
-                     initial_accumulator_value=0.5)
-    before = table.detach().clone()
-    table.grad = torch.sparse_coo_tensor(ids.unsqueeze(0), torch.ones(3_000, 4,
-                                                                      dtype=torch.float64),
-                                         (rows, 4), check_invariants=False)
+    table = torch.randn(rows, 4, dtype=torch.float64)
+    sums = torch.full((rows, 4), 0.5, dtype=torch.float64)
+    counts = torch.zeros(rows, dtype=torch.int64)
+    before = table.clone()
+    grad = _sparse.RowGrad(ids, torch.ones(3_000, 4, dtype=torch.float64), rows)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
         with pytest.raises(IndexError, match=f"row {rows + 7} is out of range for {rows} rows"):
-            opt.step()
+            _sparse.kernel_update("adagrad", grad, [table, sums], [-0.1, 1e-10, 1.0], counts)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(table, before)
-    assert torch.equal(opt.state[table]["sum"], torch.full((rows, 4), 0.5, dtype=torch.float64))
-    assert not opt.state[table]["row_update_count"].any()
+    assert torch.equal(sums, torch.full((rows, 4), 0.5, dtype=torch.float64))
+    assert not counts.any()
 
 
 @needs_kernels

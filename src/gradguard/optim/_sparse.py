@@ -106,6 +106,75 @@ def coalesce(grad: RowGrad) -> tuple[Tensor, Tensor]:
     return rows, summed
 
 
+class OutOfRange(NamedTuple):
+    """An index of a sparse gradient outside its shape: which gradient (position in the
+    list checked), which lookup, which sparse dimension, the index's value and the size
+    there."""
+
+    position: int
+    lookup: int
+    dim: int
+    value: int
+    size: int
+
+    def message(self, what: str) -> str:
+        where = (f"row {self.value} is out of range for {self.size} rows" if self.dim == 0 else
+                 f"index {self.value} of sparse dimension {self.dim} is out of range for size "
+                 f"{self.size}")
+        return (f"sparse gradient {where} (lookup {self.lookup} of the gradient of {what}); "
+                "ids must be in [0, size)")
+
+
+def first_out_of_range(grads: Sequence[Tensor]) -> OutOfRange | None:
+    """The first index of the sparse gradients ``grads`` outside their shape (first gradient,
+    then first lookup), or None when all are in range.
+
+    One compiled pass over all embedding gradients (one sparse dimension, int64 ids on
+    the CPU) where the kernels are installed; torch ops for the others.
+    """
+    spec: list[tuple[int, int, int]] = []
+    compiled: list[int] = []
+    others: list[int] = []
+    use_kernels = kernels_installed()
+    for position, grad in enumerate(grads):
+        indices = grad._indices()
+        if (use_kernels and grad.sparse_dim() == 1 and indices.is_cpu
+                and indices.dtype == torch.int64 and indices.is_contiguous()):
+            spec.append((indices.data_ptr(), indices.shape[1], grad.shape[0]))
+            compiled.append(position)
+        else:
+            others.append(position)
+    first: OutOfRange | None = None
+    if spec:
+        import numpy as np
+
+        row, lookup = kernels().first_out_of_range(np.array(spec, np.int64))
+        if row >= 0:
+            grad = grads[compiled[row]]
+            first = OutOfRange(compiled[row], int(lookup), 0,
+                               int(grad._indices()[0, lookup]), grad.shape[0])
+    for position in others:
+        if first is not None and position > first.position:
+            break
+        found = _first_out_of_range_torch(grads[position], position)
+        if found is not None:
+            return found
+    return first
+
+
+def _first_out_of_range_torch(grad: Tensor, position: int) -> OutOfRange | None:
+    indices = grad._indices()
+    if indices.numel() == 0:
+        return None
+    sizes = torch.tensor(grad.shape[:grad.sparse_dim()], device=indices.device).unsqueeze(1)
+    bad = (indices < 0) | (indices >= sizes)
+    if not bool(bad.any()):
+        return None
+    lookup = int(bad.any(0).nonzero()[0, 0])
+    dim = int(bad[:, lookup].nonzero()[0, 0])
+    return OutOfRange(position, lookup, dim, int(indices[dim, lookup]), grad.shape[dim])
+
+
 # ----------------------------------------------------------- row update counts
 def row_counts(group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> Tensor | None:
     """The parameter's per-row update counts when its group counts them, else None.

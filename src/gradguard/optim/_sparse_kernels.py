@@ -215,6 +215,23 @@ def _count_slice(rows: Any, lo: int, hi: int, num_rows: int, shift: int, hist: A
 
 
 @jit
+def first_out_of_range(spec: Any) -> tuple[int, int]:
+    """The first id outside ``[0, bound)``, over the id arrays ``spec`` describes (rows of
+    ``(address, length, bound)``, int64 ids): (spec row, position), or (-1, -1)."""
+    for t in range(spec.shape[0]):
+        ids = carray(_pointer(spec[t, 0], np.int64(0)), (spec[t, 1],))
+        bound = np.uint64(spec[t, 2])
+        bad = False
+        for i in range(ids.size):  # branch-free, so that it vectorizes; negative ids wrap
+            bad |= np.uint64(ids[i]) >= bound
+        if bad:
+            for i in range(ids.size):
+                if np.uint64(ids[i]) >= bound:
+                    return t, i
+    return -1, -1
+
+
+@jit
 def _offsets(slice_hist: Any, part_starts: Any, task_order: Any) -> None:
     """Turn the slices' counts per task into where each slice's lookups of each task go.
 

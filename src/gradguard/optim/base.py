@@ -341,6 +341,8 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         scaling = (StepScaling(grad_scale, found_inf)
                    if grad_scale is not None or found_inf is not None else None)
+        if self.sparse_gradients:
+            self.check_sparse_indices()
         # the compiled sparse steps of all tables run together, once the groups are done
         with _sparse.batch() if self.sparse_gradients else contextlib.nullcontext():
             for group in self.param_groups:
@@ -348,6 +350,25 @@ class Optimizer(torch.optim.Optimizer):
                 if params:
                     self._step_group(group, params, scaling)
         return loss
+
+    def check_sparse_indices(self) -> None:
+        """Refuse the coming step if a sparse gradient holds an index outside its parameter's
+        shape (an embedding id that is negative or not below the number of rows).
+
+        Raises IndexError naming the parameter, the lookup and the id, before anything
+        changes: no parameter, state or step counter of any group. :meth:`step` calls it
+        first; :class:`~gradguard.optim.hybrid.Hybrid` calls it on each of its optimizers
+        before stepping any.
+        """
+        pairs = [(group, p, grad) for group in self.param_groups for p in group["params"]
+                 if (grad := p.grad) is not None and grad.is_sparse]
+        if not pairs:
+            return
+        found = _sparse.first_out_of_range([grad for _, _, grad in pairs])
+        if found is not None:
+            group, p, _ = pairs[found.position]
+            raise IndexError(f"{found.message(_sparse.describe(self, group, p))}; the step "
+                             "changed nothing")
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor],
                     scaling: StepScaling | None = None) -> None:

@@ -132,6 +132,10 @@ class Hybrid(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for optimizer in self.optimizers.values():  # bad ids refuse the whole step
+            check = getattr(optimizer, "check_sparse_indices", None)
+            if check is not None:
+                check()
         for optimizer in self.optimizers.values():
             optimizer.step()
         return loss
