@@ -3,8 +3,9 @@
 An optimizer queues each table's compiled step and runs them all in one parallel
 region at the end of ``step()``: tables too small for a thread each run side by
 side, a large one on several threads. The result is each table's own step, as
-the torch-ops path computes it, whatever the threads; a bad id in one table
-stops that table's step only.
+the torch-ops path computes it, whatever the threads. Inside the kernels a bad
+id in one table stops that table's step only (the optimizers refuse such a step
+before it starts: test_sparse_ids.py).
 """
 
 from __future__ import annotations
