@@ -94,13 +94,11 @@ def rows_of(tensor: Tensor, num_rows: int) -> Tensor:
 def coalesce(grad: RowGrad) -> tuple[Tensor, Tensor]:
     """The distinct rows of ``grad`` (ascending) and the sum of each one's values.
 
-    ``torch.unique`` + ``index_add_``: duplicates are summed in lookup order.
+    ``torch.unique`` + ``index_add_``: duplicates are summed in lookup order. The rows
+    are in range: the optimizers refuse a step with an id outside its table before it
+    starts (``Optimizer.check_sparse_indices``).
     """
     rows, inverse = torch.unique(grad.rows, sorted=True, return_inverse=True)
-    if rows.numel() and (rows[0] < 0 or rows[-1] >= grad.num_rows):
-        bad = rows[0] if rows[0] < 0 else rows[-1]
-        raise IndexError(f"sparse gradient row {int(bad)} is out of range for "
-                         f"{grad.num_rows} rows")
     summed = grad.values.new_zeros((rows.numel(), grad.values.shape[1]))
     summed.index_add_(0, inverse, grad.values)
     return rows, summed
@@ -381,6 +379,7 @@ class _Step(NamedTuple):
 
     frame: _Frame
     threads: int
+    lookups: int
     rows: Tensor
     values: Tensor
     dim0_counts: Tensor | None
@@ -475,7 +474,7 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor], scalars: S
     frame.fields[module.VALUES:module.SCRATCH] = (
         values.data_ptr(), lookups, rows.data_ptr(), 1 << bits, shift, slices, mode,
         *frame.prepare(lookups, 1 << bits, slices))
-    step = _Step(frame, threads, rows, values, dim0_counts, grad.num_rows)
+    step = _Step(frame, threads, lookups, rows, values, dim0_counts, grad.num_rows)
     if queue is None:
         _run_steps([step])
     else:
@@ -510,14 +509,13 @@ def _run_on_threads(module: ModuleType, steps: list[_Step]) -> list[Any]:
     ``module.run_batch`` once. Return each step's counters once all are done."""
     import numpy as np
 
-    order = sorted(steps, key=lambda step: -int(step.frame.fields[module.LOOKUPS]))
+    order = sorted(steps, key=lambda step: -step.lookups)
     entries = [step.frame for step in order for _ in range(step.threads)]
-    total = sum(int(step.frame.fields[module.LOOKUPS]) for step in steps)
+    total = sum(step.lookups for step in steps)
     threads = max(1, min(torch.get_num_threads(), total // ROWS_PER_THREAD, len(entries)))
     if not _SCRATCH:
         _SCRATCH.append(_Scratch())
-    scratch = _SCRATCH[0].prepare(
-        threads, max(int(step.frame.fields[module.LOOKUPS]) for step in steps))
+    scratch = _SCRATCH[0].prepare(threads, order[0].lookups)
     batch = np.zeros(module.BATCH_HEADER + len(entries), np.int64)
     batch[module.NUM_ENTRIES] = len(entries)
     witness = steps[0].frame.floats[0]
@@ -526,7 +524,7 @@ def _run_on_threads(module: ModuleType, steps: list[_Step]) -> list[Any]:
         for step in steps:
             step.frame.fields[module.SCRATCH:] = scratch
             step.frame.claims[:] = 0
-            step.frame.claims[module.BAD] = step.frame.fields[module.LOOKUPS]
+            step.frame.claims[module.BAD] = step.lookups
         batch[module.BATCH_HEADER:] = [frame.address for frame in entries]
         if team is not None:  # torch's OpenMP team: GOMP_parallel returns when all are done
             team(module.team_entry(witness.itemsize), batch.ctypes.data, threads, 0)
@@ -539,7 +537,7 @@ def _run_on_threads(module: ModuleType, steps: list[_Step]) -> list[Any]:
     copies: dict[int, tuple[Any, Any]] = {}
     for step in steps:
         claims = np.zeros_like(step.frame.claims)
-        claims[module.BAD] = step.frame.fields[module.LOOKUPS]
+        claims[module.BAD] = step.lookups
         fields = step.frame.fields.copy()
         fields[module.CLAIMS] = claims.ctypes.data
         fields[module.SCRATCH:] = scratch

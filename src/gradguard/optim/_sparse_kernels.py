@@ -141,6 +141,13 @@ def _counter_pointer(context: Any, builder: Any, signature: Any, args: Any) -> A
     return cgutils.get_item_pointer(context, builder, array_type, ary, [at], wraparound=False)
 
 
+def _counter_and_value(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+    """(pointer to ``counters[index]``, the third argument as an int64): the operands of an
+    atomic intrinsic that writes a value."""
+    return (_counter_pointer(context, builder, signature, args),
+            context.cast(builder, args[2], signature.args[2], types.int64))
+
+
 @intrinsic
 def _claim(typingctx: Any, counters: Any, index: Any) -> Any:
     """Atomically ``counters[index] += 1``, returning the old value (acquire-release: what
@@ -158,8 +165,7 @@ def _lower_to(typingctx: Any, counters: Any, index: Any, value: Any) -> Any:
     """Atomically ``counters[index] = min(counters[index], value)``."""
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        ptr = _counter_pointer(context, builder, signature, args)
-        new = context.cast(builder, args[2], signature.args[2], types.int64)
+        ptr, new = _counter_and_value(context, builder, signature, args)
         builder.atomic_rmw("min", ptr, new, "acq_rel")
         return context.get_dummy_value()
 
@@ -182,8 +188,7 @@ def _store_release(typingctx: Any, counters: Any, index: Any, value: Any) -> Any
     """``counters[index] = value``, written atomically after everything written before."""
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        ptr = _counter_pointer(context, builder, signature, args)
-        new = context.cast(builder, args[2], signature.args[2], types.int64)
+        ptr, new = _counter_and_value(context, builder, signature, args)
         builder.store_atomic(new, ptr, "release", 8)
         return context.get_dummy_value()
 
