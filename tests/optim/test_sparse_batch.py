@@ -216,3 +216,94 @@ def test_frames_are_kept_per_table_set_least_recently_used_out(
     assert step(0) is first[0] and step(2) is first[2]
     assert step(1) is not first[1]
     assert sums[0][2].tolist() == [12.0, 12.0]  # three steps of 2 lookups of row 2: 3 * 2**2
+
+
+def queued(monkeypatch: pytest.MonkeyPatch, step: Callable[[], Any]) -> list[Any]:
+    """The compiled steps ``step`` queues in a batch (not run)."""
+    steps: list[Any] = []
+    with monkeypatch.context() as patch:
+        patch.setattr(_sparse, "_run_steps", steps.extend)
+        with _sparse.batch():
+            step()
+    return steps
+
+
+@pytest.mark.parametrize("case", ["embedding", "reference", "float16", "strided", "state_dtype",
+                                  "state_strided", "three_dims"])
+def test_the_embedding_fast_path_takes_exactly_the_tables_the_kernels_take(
+        case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # table_step (an embedding gradient, little Python per table) must queue a step
+    # where the general path (row_grad, use_kernel, kernel_update) would run the
+    # kernel, and do nothing elsewhere: the caller then takes the general path
+    shape = (50, 2, 2) if case == "three_dims" else (50, 4)
+    dtype = torch.float16 if case == "float16" else torch.float32
+    param = torch.zeros(4, 50).t() if case == "strided" else torch.zeros(shape, dtype=dtype)
+    state = (torch.zeros(50, 8)[:, ::2] if case == "state_strided" else
+             torch.zeros(shape, dtype=torch.float64 if case == "state_dtype" else dtype))
+    ids = torch.tensor([[3, 7, 3]])
+    grad = torch.sparse_coo_tensor(ids, torch.ones(3, *param.shape[1:], dtype=param.dtype),
+                                   param.shape)
+    group = {"impl": "reference" if case == "reference" else "auto"}
+    scalars = [-0.1, 1e-10, 1.0]
+    fast: list[bool] = []
+    steps = queued(monkeypatch, lambda: fast.append(
+        _sparse.table_step("adagrad", group, param, grad, [state], scalars, None)))
+    rows = _sparse.row_grad(param, grad)
+    general = _sparse.use_kernel(group, _sparse.rows_of(param, rows.num_rows),
+                                 _sparse.rows_of(state, rows.num_rows))
+    assert fast == [case == "embedding"] and len(steps) == fast.count(True)
+    assert general == (case in ("embedding", "three_dims"))  # a 3-D table: the general path
+
+
+def test_the_embedding_fast_path_steps_as_the_general_path_does() -> None:
+    gen = torch.Generator().manual_seed(3)
+    start = torch.randn(300, 5, dtype=torch.float64, generator=gen)
+    tables = [start.clone() for _ in range(2)]
+    sums = [torch.full((300, 5), 0.1, dtype=torch.float64) for _ in range(2)]
+    counts = [torch.zeros(300, dtype=torch.int64) for _ in range(2)]
+    for _ in range(3):
+        ids = torch.randint(0, 300, (1, 700), generator=gen)
+        grad = torch.sparse_coo_tensor(ids, torch.randn(700, 5, dtype=torch.float64,
+                                                        generator=gen), (300, 5))
+        assert _sparse.table_step("adagrad", {"impl": "auto"}, tables[0], grad, [sums[0]],
+                                  [-0.1, 1e-10, 1.0], counts[0])
+        _sparse.kernel_update("adagrad", _sparse.row_grad(tables[1], grad),
+                              [tables[1], sums[1]], [-0.1, 1e-10, 1.0], counts[1])
+    for pair in (tables, sums, counts):
+        assert torch.equal(pair[0], pair[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+def test_advancing_a_step_counter_equals_adding_one(dtype: torch.dtype) -> None:
+    # on the CPU a step counter is written as fill_(item + 1): the same number as += 1,
+    # also where float32 stops counting (2**24 + 1 rounds to 2**24)
+    for start in (0, 1, 2**24 - 1, 2**24, 2**24 + 2, 2**53 - 1):
+        step = torch.tensor(start, dtype=dtype)
+        reference = step.clone()
+        _sparse.advance(step)
+        reference += 1
+        assert step.dtype == dtype and torch.equal(step, reference), start
+
+
+def test_a_frame_lays_out_its_steps_again_when_the_threads_or_tuning_change(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the task split is kept per frame for the last step's lookups, threads and tuning
+    table, sums = torch.zeros(1_000, 2), torch.zeros(1_000, 2)
+    ids = torch.arange(1_000).repeat(4).unsqueeze(0)
+    grad = torch.sparse_coo_tensor(ids, torch.ones(4_000, 2), (1_000, 2))
+
+    def threads_given() -> int:
+        steps = queued(monkeypatch, lambda: _sparse.table_step(
+            "adagrad", {"impl": "auto"}, table, grad, [sums], [-0.1, 1e-10, 1.0], None))
+        return int(steps[0].threads)
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert threads_given() == 1  # 4,000 lookups: one thread per 2,048 rounds down to 1
+        monkeypatch.setattr(_sparse, "ROWS_PER_THREAD", 1_000)
+        assert threads_given() == 4
+        torch.set_num_threads(2)
+        assert threads_given() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -173,6 +173,17 @@ def _first_out_of_range_torch(grad: Tensor, position: int) -> OutOfRange | None:
     return OutOfRange(position, lookup, dim, int(indices[dim, lookup]), grad.shape[dim])
 
 
+def advance(step: Tensor) -> None:
+    """``step += 1`` for a 0-dim step counter. On the CPU it is written as
+    ``fill_(step.item() + 1)``: the same number (the sum is exact before it is rounded
+    to the counter's dtype), at less than half the cost of ``+=``, which a model with
+    dozens of tables pays per table and step."""
+    if step.is_cpu:
+        step.fill_(step.item() + 1)
+    else:  # no host read on an accelerator
+        step += 1
+
+
 # ----------------------------------------------------------- row update counts
 def row_counts(group: dict[str, Any], param: Tensor, state: dict[str, Any]) -> Tensor | None:
     """The parameter's per-row update counts when its group counts them, else None.
@@ -275,27 +286,44 @@ class _Scratch:
     """The threads' scratch for compiled steps, kept between steps (allocating and
     faulting in megabytes per step costs more than the step): per thread slot, the
     sort buffers and row lists (:data:`~._sparse_kernels.SCRATCH_ARRAYS` rows of
-    ``stride`` int64) and a radix histogram."""
+    ``stride`` int64) and a radix histogram; and the batch list of the OpenMP team's
+    batches (its threads are done with it when ``GOMP_parallel`` returns)."""
 
     def __init__(self) -> None:
         import numpy as np
 
         self.scratch = np.empty((0, 0, 0), np.int64)
         self.hist = np.empty((0, 0), np.int64)
+        self.fields: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self.batch = np.empty(0, np.int64)
+        self.batch_address = 0
 
     def prepare(self, slots: int, lookups: int) -> tuple[int, int, int, int]:
         """Grow the scratch for ``slots`` threads and ``lookups`` lookups per table; return
         (scratch address, histograms address, slots, stride) for the frames."""
         import numpy as np
 
-        module = kernels()
-        if self.scratch.shape[0] < slots or self.scratch.shape[2] < lookups + 1:
-            self.scratch = np.empty((max(slots, self.scratch.shape[0]), module.SCRATCH_ARRAYS,
-                                     max(lookups + 1, self.scratch.shape[2])), np.int64)
-        if self.hist.shape[0] < slots:
-            self.hist = np.empty((slots, 1 << module.DIGIT_BITS), np.int64)
-        return (self.scratch.ctypes.data, self.hist.ctypes.data, self.scratch.shape[0],
-                self.scratch.shape[2])
+        scratch, hist = self.scratch, self.hist
+        if scratch.shape[0] < slots or scratch.shape[2] < lookups + 1 or hist.shape[0] < slots:
+            module = kernels()
+            if scratch.shape[0] < slots or scratch.shape[2] < lookups + 1:
+                self.scratch = np.empty((max(slots, scratch.shape[0]), module.SCRATCH_ARRAYS,
+                                         max(lookups + 1, scratch.shape[2])), np.int64)
+            if hist.shape[0] < slots:
+                self.hist = np.empty((slots, 1 << module.DIGIT_BITS), np.int64)
+            self.fields = (self.scratch.ctypes.data, self.hist.ctypes.data,
+                           self.scratch.shape[0], self.scratch.shape[2])
+        return self.fields
+
+    def team_batch(self, size: int) -> tuple[Any, int]:
+        """The batch list of ``size`` int64 (grown as needed, contents left as they are)
+        and its address."""
+        import numpy as np
+
+        if self.batch.size < size:
+            self.batch = np.empty(max(size, 2 * self.batch.size), np.int64)
+            self.batch_address = self.batch.ctypes.data
+        return self.batch, self.batch_address
 
 
 ROWS_PER_THREAD = 2048
@@ -313,7 +341,6 @@ LOOKUPS_PER_SLICE = 1024
 up to :data:`SLICES_PER_THREAD` per thread."""
 
 _SCRATCH: list[_Scratch] = []
-_SPLITS: dict[tuple[int, int], tuple[int, int]] = {}  # _task_bits by (rows, threads)
 _STEP_LOCK = threading.Lock()  # the scratch serves one batch at a time
 
 
@@ -344,6 +371,7 @@ class _Frame:
         pointers = [t.data_ptr() for t in tables]
         pointers += pointers[-1:] * (3 - len(pointers))  # unused table slots: any valid one
         # KERNEL, NUM_ROWS, WIDTH, STATE_WIDTH, TABLE0..2, FLOATS, CLAIMS, COUNTS, NUM_COUNTS
+        self.num_rows = num_rows
         self.fields = np.zeros(module.FRAME_SIZE, np.int64)
         self.fields[:module.VALUES] = [
             module.KERNELS[name], num_rows, tables[0].shape[1], tables[1].shape[1], *pointers,
@@ -353,8 +381,26 @@ class _Frame:
         self.buffers = [np.empty(0, np.int64) for _ in range(4)]
         self.buffer_addresses: tuple[int, ...] = ()
         self.capacity = (-1, -1, -1)  # (lookups, tasks, slices x tasks) the buffers hold
+        self.layout_key: tuple[int, ...] = ()
+        self.layout_fields: tuple[int, tuple[int, ...]] = (0, ())
         for table in tables:
             hugepages.advise(table)
+
+    def layout(self, lookups: int, mode: int) -> tuple[int, tuple[int, ...]]:
+        """The threads a step of ``lookups`` lookups is given, and its fields from
+        ``NUM_PARTS`` to ``SLICE_HIST``: the task split, ``mode`` and the shared buffers
+        (grown as needed). Kept for the last step's lookups, threads and tuning: a
+        table's steps mostly repeat them."""
+        key = (lookups, mode, torch.get_num_threads(), ROWS_PER_THREAD, TASKS_PER_THREAD,
+               SLICES_PER_THREAD, LOOKUPS_PER_SLICE)
+        if key != self.layout_key:
+            threads = max(1, min(key[2], lookups // ROWS_PER_THREAD))
+            bits, shift = _task_bits(self.num_rows, threads)
+            slices = max(1, min(SLICES_PER_THREAD * threads, lookups // LOOKUPS_PER_SLICE))
+            self.layout_fields = (threads, (1 << bits, shift, slices, mode,
+                                            *self.prepare(lookups, 1 << bits, slices)))
+            self.layout_key = key
+        return self.layout_fields
 
     def prepare(self, lookups: int, parts: int, slices: int) -> tuple[int, ...]:
         """Grow the shared buffers for ``lookups`` lookups in ``parts`` tasks and ``slices``
@@ -375,12 +421,13 @@ class _Frame:
 class _Step(NamedTuple):
     """A table's compiled step, queued in a batch: its frame, how many threads it is
     given, and what must outlive it (the ids and values the frame points to, the dim-0
-    update counts of a gradient with several sparse dims, counted after the step)."""
+    update counts of a gradient with several sparse dims, counted after the step).
+    ``ids`` is 1-D, or the one row of an embedding gradient's indices."""
 
     frame: _Frame
     threads: int
     lookups: int
-    rows: Tensor
+    ids: Tensor
     values: Tensor
     dim0_counts: Tensor | None
     num_rows: int
@@ -430,51 +477,85 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor], scalars: S
     :func:`batch` it is queued and runs when the batch ends. A row out of range
     raises IndexError, with no row of these tables modified.
     """
-    lookups = grad.rows.numel()
+    if counts is not None and counts.numel() != grad.num_rows:
+        dim0_counts, counts = counts, None  # several sparse dims: counted below, by dim-0 row
+    else:
+        dim0_counts = None
+    _queue_step(kernels(), name, grad.num_rows, grad.rows, grad.values, tables, scalars, counts,
+                mode, dim0_counts)
+
+
+def table_step(name: str, group: dict[str, Any], param: Tensor, grad: Tensor,
+               state: Sequence[Tensor], scalars: Sequence[float], counts: Tensor | None,
+               mode: int = 0) -> bool:
+    """:func:`kernel_update` for the gradient of an embedding table, with a fraction of
+    its Python cost per table (a model has dozens of tables, each stepped every step).
+
+    Applies where the general path (:func:`row_grad`, :func:`use_kernel`,
+    :func:`kernel_update`) would run the kernel on ``[param, *state]`` as they are:
+    a 2-D parameter and a gradient with one sparse dimension. Returns False elsewhere,
+    doing nothing: the caller takes the general path.
+    """
+    if group["impl"] == "reference" or param.dim() != 2 or grad.sparse_dim() != 1:
+        return False
+    dtype = param.dtype
+    if not (param.is_cpu and dtype in KERNEL_DTYPES and param.is_contiguous()):
+        return False
+    for tensor in state:
+        if not (tensor.is_cpu and tensor.dtype == dtype and tensor.is_contiguous()):
+            return False
+    module = _kernel_module()
+    if module is None:
+        return False
+    _queue_step(module, name, param.shape[0], grad._indices(), grad._values(), [param, *state],
+                scalars, counts, mode, None)
+    return True
+
+
+_DATA_PTR = Tensor.data_ptr
+
+
+def _queue_step(module: ModuleType, name: str, num_rows: int, ids: Tensor, values: Tensor,
+                tables: Sequence[Tensor], scalars: Sequence[float], counts: Tensor | None,
+                mode: int, dim0_counts: Tensor | None) -> None:
+    """Queue kernel ``name``'s step on ``tables`` (rows ``ids``, 1-D or one row of
+    int64, with their ``values``) in the open batch, or run it now."""
+    lookups = ids.numel()
     if lookups == 0:
         return
     if lookups >= 1 << 32:
         raise ValueError(f"a sparse gradient of {lookups:,} lookups is too large for the "
                          "compiled kernels (at most 2**32 - 1); use impl='reference'")
-    module = kernels()
-    rows = grad.rows.contiguous()
-    values = grad.values
-    if values.dtype != tables[0].dtype:
-        values = values.to(tables[0].dtype)
-    values = values.contiguous()
-    if counts is not None and counts.numel() != grad.num_rows:
-        dim0_counts, counts = counts, None  # several sparse dims: counted below, by dim-0 row
-    else:
-        dim0_counts = None
-    threads = max(1, min(torch.get_num_threads(), lookups // ROWS_PER_THREAD))
-    split = _SPLITS.get((grad.num_rows, threads))
-    if split is None:
-        split = _SPLITS[(grad.num_rows, threads)] = _task_bits(grad.num_rows, threads)
-    bits, shift = split
-    slices = max(1, min(SLICES_PER_THREAD * threads, lookups // LOOKUPS_PER_SLICE))
-    key = (name, grad.num_rows, tables[0].dtype, *[t.data_ptr() for t in tables],
-           *[t.shape[1] for t in tables], None if counts is None else counts.data_ptr())
+    if not ids.is_contiguous():  # (asking is cheaper than .contiguous() returning itself)
+        ids = ids.contiguous()
+    table = tables[0]
+    if values.dtype != table.dtype:
+        values = values.to(table.dtype)
+    if not values.is_contiguous():
+        values = values.contiguous()
+    key = (name, num_rows, table.dtype, None if counts is None else counts.data_ptr(),
+           *map(_DATA_PTR, tables), *[t.shape[1] for t in tables])
     queue: dict[int, _Step] | None = getattr(_QUEUE, "steps", None)
     with _STEP_LOCK:
         frame = _FRAMES.get(key)
         if frame is None:
             while len(_FRAMES) >= MAX_FRAMES:
                 _FRAMES.popitem(last=False)
-            frame = _FRAMES[key] = _Frame(module, name, grad.num_rows, tables, counts)
+            frame = _FRAMES[key] = _Frame(module, name, num_rows, tables, counts)
         else:
             _FRAMES.move_to_end(key)
-    address = tables[0].data_ptr()
+    address = table.data_ptr()
     if queue is not None and address in queue:
         # the same parameter twice in a batch: the steps so far go first
         steps = list(queue.values())
         queue.clear()
         _run_steps(steps)
     frame.floats[:len(scalars)] = scalars
-    # VALUES, LOOKUPS, IDS, NUM_PARTS, SHIFT, SLICES, MODE, then the shared buffers
-    frame.fields[module.VALUES:module.SCRATCH] = (
-        values.data_ptr(), lookups, rows.data_ptr(), 1 << bits, shift, slices, mode,
-        *frame.prepare(lookups, 1 << bits, slices))
-    step = _Step(frame, threads, lookups, rows, values, dim0_counts, grad.num_rows)
+    threads, layout = frame.layout(lookups, mode)
+    # VALUES, LOOKUPS, IDS, then NUM_PARTS, SHIFT, SLICES, MODE and the shared buffers
+    frame.fields[module.VALUES:module.SCRATCH] = (values.data_ptr(), lookups, ids.data_ptr(),
+                                                   *layout)
+    step = _Step(frame, threads, lookups, ids, values, dim0_counts, num_rows)
     if queue is None:
         _run_steps([step])
     else:
@@ -497,11 +578,11 @@ def _run_steps(steps: list[_Step]) -> None:
         if step_claims[module.READY] == module.OUT_OF_RANGE:
             bad = bad or (step, int(step_claims[module.BAD]))
         elif step.dim0_counts is not None:
-            count_touched(step.dim0_counts, torch.unique(step.rows), step.num_rows)
+            count_touched(step.dim0_counts, torch.unique(step.ids), step.num_rows)
     if bad is not None:
         step, lookup = bad
-        raise IndexError(f"sparse gradient row {int(step.rows[lookup])} is out of range for "
-                         f"{step.num_rows} rows")
+        raise IndexError(f"sparse gradient row {int(step.ids.view(-1)[lookup])} is out of "
+                         f"range for {step.num_rows} rows")
 
 
 def _run_on_threads(module: ModuleType, steps: list[_Step]) -> list[Any]:
@@ -516,21 +597,25 @@ def _run_on_threads(module: ModuleType, steps: list[_Step]) -> list[Any]:
     if not _SCRATCH:
         _SCRATCH.append(_Scratch())
     scratch = _SCRATCH[0].prepare(threads, order[0].lookups)
-    batch = np.zeros(module.BATCH_HEADER + len(entries), np.int64)
-    batch[module.NUM_ENTRIES] = len(entries)
+    size = module.BATCH_HEADER + len(entries)
     witness = steps[0].frame.floats[0]
     team = omp_parallel() if threads > 1 else None
     if team is not None or threads == 1:
+        batch, address = _SCRATCH[0].team_batch(size)
+        header = [0] * module.BATCH_HEADER  # the claim counters start at 0
+        header[module.NUM_ENTRIES] = len(entries)
+        batch[:size] = header + [frame.address for frame in entries]
         for step in steps:
             step.frame.fields[module.SCRATCH:] = scratch
             step.frame.claims[:] = 0
             step.frame.claims[module.BAD] = step.lookups
-        batch[module.BATCH_HEADER:] = [frame.address for frame in entries]
         if team is not None:  # torch's OpenMP team: GOMP_parallel returns when all are done
-            team(module.team_entry(witness.itemsize), batch.ctypes.data, threads, 0)
+            team(module.team_entry(witness.itemsize), address, threads, 0)
         else:
             module.run_batch(batch, witness)
         return [step.frame.claims for step in steps]
+    batch = np.zeros(size, np.int64)
+    batch[module.NUM_ENTRIES] = len(entries)
     # a pool thread may start after the step is over: it gets the step's own batch,
     # frames and counters (kept alive here), finds no entry left, and returns touching
     # nothing else

@@ -182,16 +182,17 @@ class Adagrad(Optimizer):
 
     def _update_sparse(self, group: dict[str, Any], param: Tensor, grad: Tensor,
                        state: dict[str, Any]) -> None:
-        state["step"] += 1
+        _sparse.advance(state["step"])
         clr = as_float(group["lr"]) / (1 + (state["step"].item() - 1) * group["lr_decay"])
+        counts = _sparse.row_counts(group, param, state)
+        scalars = [-clr, float(group["eps"]), -1.0 if group["maximize"] else 1.0]
+        if _sparse.table_step("adagrad", group, param, grad, [state["sum"]], scalars, counts):
+            return
         rows = _sparse.row_grad(param, grad)
         table = _sparse.rows_of(param, rows.num_rows)
         sums = _sparse.rows_of(state["sum"], rows.num_rows)
-        counts = _sparse.row_counts(group, param, state)
         if _sparse.use_kernel(group, table, sums):
-            _sparse.kernel_update("adagrad", rows, [table, sums],
-                                  [-clr, float(group["eps"]), -1.0 if group["maximize"] else 1.0],
-                                  counts)
+            _sparse.kernel_update("adagrad", rows, [table, sums], scalars, counts)
         else:
             touched = _sparse_adagrad(table, sums, rows, clr=clr, eps=group["eps"],
                                       maximize=group["maximize"])

@@ -152,18 +152,20 @@ class FTRL(Optimizer):
 
     def _update_sparse(self, group: dict[str, Any], param: Tensor, grad: Tensor,
                        state: dict[str, Any]) -> None:
-        state["step"] += 1
+        _sparse.advance(state["step"])
+        counts = _sparse.row_counts(group, param, state)
+        lr, beta = as_float(group["lr"]), float(group["beta"])
+        l1, l2 = float(group["l1"]) + 0.0, float(group["l2"])
+        scalars = [lr, 1 / lr, beta + lr * l2, l1, -1.0 if group["maximize"] else 1.0]
+        if _sparse.table_step("ftrl", group, param, grad, [state["z"], state["n"]], scalars,
+                              counts):
+            return
         rows = _sparse.row_grad(param, grad)
         table = _sparse.rows_of(param, rows.num_rows)
         zs = _sparse.rows_of(state["z"], rows.num_rows)
         ns = _sparse.rows_of(state["n"], rows.num_rows)
-        counts = _sparse.row_counts(group, param, state)
-        lr, beta = as_float(group["lr"]), float(group["beta"])
-        l1, l2 = float(group["l1"]) + 0.0, float(group["l2"])
         if _sparse.use_kernel(group, table, zs, ns):
-            _sparse.kernel_update("ftrl", rows, [table, zs, ns],
-                                  [lr, 1 / lr, beta + lr * l2, l1,
-                                   -1.0 if group["maximize"] else 1.0], counts)
+            _sparse.kernel_update("ftrl", rows, [table, zs, ns], scalars, counts)
         else:
             touched = _sparse_ftrl(table, zs, ns, rows, lr=lr, beta=beta, l1=l1, l2=l2,
                                    maximize=group["maximize"])

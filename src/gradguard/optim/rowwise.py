@@ -148,18 +148,21 @@ class RowWiseAdagrad(Optimizer):
 
     def _update_sparse(self, group: dict[str, Any], param: Tensor, grad: Tensor,
                        state: dict[str, Any]) -> None:
-        state["step"] += 1
+        _sparse.advance(state["step"])
         arguments = self._arguments(group)
+        counts = _sparse.row_counts(group, param, state)
+        width = param.numel() // max(1, param.shape[0])  # a sparse gradient's row: dims 1..
+        scalars = [arguments["lr"], arguments["eps"], arguments["weight_decay"],
+                   -1.0 if arguments["maximize"] else 1.0, 0.0, 1.0, float(width)]
+        mode = _MODE_CODES[arguments["mode"]]
+        sums = state["sum"].view(-1, 1)
+        if _sparse.table_step("rowwise_adagrad", group, param, grad, [sums], scalars, counts,
+                              mode):
+            return
         rows = _sparse.row_grad(param, grad)
         table = _sparse.rows_of(param, rows.num_rows)
-        sums = state["sum"].view(rows.num_rows, 1)
-        counts = _sparse.row_counts(group, param, state)
         if _sparse.use_kernel(group, table, sums):
-            _sparse.kernel_update(
-                "rowwise_adagrad", rows, [table, sums],
-                [arguments["lr"], arguments["eps"], arguments["weight_decay"],
-                 -1.0 if arguments["maximize"] else 1.0, 0.0, 1.0, float(table.shape[1])],
-                counts, mode=_MODE_CODES[arguments["mode"]])
+            _sparse.kernel_update("rowwise_adagrad", rows, [table, sums], scalars, counts, mode)
             return
         touched, values = _sparse.coalesce(rows)
         weights = table.index_select(0, touched).to(sums.dtype)

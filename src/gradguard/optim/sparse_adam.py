@@ -115,21 +115,25 @@ class SparseAdam(Optimizer):
                        state: dict[str, Any]) -> None:
         if state["step"].dtype != torch.float64:  # loaded from a torch.optim state dict
             state["step"] = state["step"].to(torch.float64)
-        state["step"] += 1
-        rows = _sparse.row_grad(param, grad)
-        if rows.rows.numel() == 0:
+        _sparse.advance(state["step"])
+        if grad._nnz() == 0:
             return
         step = state["step"].item()
         beta1, beta2 = (float(b) for b in group["betas"])
         step_size = as_float(group["lr"]) * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+        counts = _sparse.row_counts(group, param, state)
+        scalars = [1 - beta1, 1 - beta2, float(group["eps"]), -step_size,
+                   -1.0 if group["maximize"] else 1.0]
+        if _sparse.table_step("sparse_adam", group, param, grad,
+                              [state["exp_avg"], state["exp_avg_sq"]], scalars, counts):
+            return
+        rows = _sparse.row_grad(param, grad)
         table = _sparse.rows_of(param, rows.num_rows)
         exp_avg = _sparse.rows_of(state["exp_avg"], rows.num_rows)
         exp_avg_sq = _sparse.rows_of(state["exp_avg_sq"], rows.num_rows)
-        counts = _sparse.row_counts(group, param, state)
         if _sparse.use_kernel(group, table, exp_avg, exp_avg_sq):
-            _sparse.kernel_update("sparse_adam", rows, [table, exp_avg, exp_avg_sq],
-                                  [1 - beta1, 1 - beta2, float(group["eps"]), -step_size,
-                                   -1.0 if group["maximize"] else 1.0], counts)
+            _sparse.kernel_update("sparse_adam", rows, [table, exp_avg, exp_avg_sq], scalars,
+                                  counts)
         else:
             touched = _sparse_adam(table, exp_avg, exp_avg_sq, rows, beta1=beta1, beta2=beta2,
                                    eps=group["eps"], step_size=step_size,
