@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import struct
 import threading
 import warnings
 from collections import OrderedDict
@@ -378,29 +379,32 @@ class _Frame:
             self.floats.ctypes.data, self.claims.ctypes.data,
             0 if counts is None else counts.data_ptr(), 0 if counts is None else num_rows]
         self.address = self.fields.ctypes.data
+        self.field_bytes = self.fields.data.cast("B")  # for struct.pack_into
         self.buffers = [np.empty(0, np.int64) for _ in range(4)]
         self.buffer_addresses: tuple[int, ...] = ()
         self.capacity = (-1, -1, -1)  # (lookups, tasks, slices x tasks) the buffers hold
+        self.module = module
         self.layout_key: tuple[int, ...] = ()
-        self.layout_fields: tuple[int, tuple[int, ...]] = (0, ())
+        self.layout_threads = 0
         for table in tables:
             hugepages.advise(table)
 
-    def layout(self, lookups: int, mode: int) -> tuple[int, tuple[int, ...]]:
-        """The threads a step of ``lookups`` lookups is given, and its fields from
-        ``NUM_PARTS`` to ``SLICE_HIST``: the task split, ``mode`` and the shared buffers
-        (grown as needed). Kept for the last step's lookups, threads and tuning: a
-        table's steps mostly repeat them."""
+    def layout(self, lookups: int, mode: int) -> int:
+        """Write the fields from ``NUM_PARTS`` to ``SLICE_HIST`` for a step of ``lookups``
+        lookups: the task split, ``mode`` and the shared buffers (grown as needed); return
+        the threads the step is given. Kept from the last step when its lookups, threads
+        and tuning were the same: a table's steps mostly repeat them."""
         key = (lookups, mode, torch.get_num_threads(), ROWS_PER_THREAD, TASKS_PER_THREAD,
                SLICES_PER_THREAD, LOOKUPS_PER_SLICE)
         if key != self.layout_key:
             threads = max(1, min(key[2], lookups // ROWS_PER_THREAD))
             bits, shift = _task_bits(self.num_rows, threads)
             slices = max(1, min(SLICES_PER_THREAD * threads, lookups // LOOKUPS_PER_SLICE))
-            self.layout_fields = (threads, (1 << bits, shift, slices, mode,
-                                            *self.prepare(lookups, 1 << bits, slices)))
-            self.layout_key = key
-        return self.layout_fields
+            module = self.module
+            self.fields[module.NUM_PARTS:module.SCRATCH] = (
+                1 << bits, shift, slices, mode, *self.prepare(lookups, 1 << bits, slices))
+            self.layout_key, self.layout_threads = key, threads
+        return self.layout_threads
 
     def prepare(self, lookups: int, parts: int, slices: int) -> tuple[int, ...]:
         """Grow the shared buffers for ``lookups`` lookups in ``parts`` tasks and ``slices``
@@ -513,6 +517,7 @@ def table_step(name: str, group: dict[str, Any], param: Tensor, grad: Tensor,
 
 
 _DATA_PTR = Tensor.data_ptr
+_GRADIENT_FIELDS = struct.Struct("=3q")  # a frame's VALUES, LOOKUPS, IDS: one call to write
 
 
 def _queue_step(module: ModuleType, name: str, num_rows: int, ids: Tensor, values: Tensor,
@@ -551,10 +556,9 @@ def _queue_step(module: ModuleType, name: str, num_rows: int, ids: Tensor, value
         queue.clear()
         _run_steps(steps)
     frame.floats[:len(scalars)] = scalars
-    threads, layout = frame.layout(lookups, mode)
-    # VALUES, LOOKUPS, IDS, then NUM_PARTS, SHIFT, SLICES, MODE and the shared buffers
-    frame.fields[module.VALUES:module.SCRATCH] = (values.data_ptr(), lookups, ids.data_ptr(),
-                                                   *layout)
+    threads = frame.layout(lookups, mode)
+    _GRADIENT_FIELDS.pack_into(frame.field_bytes, module.VALUES * 8, values.data_ptr(), lookups,
+                               ids.data_ptr())
     step = _Step(frame, threads, lookups, ids, values, dim0_counts, num_rows)
     if queue is None:
         _run_steps([step])
