@@ -489,16 +489,36 @@ def kernel_update(name: str, grad: RowGrad, tables: Sequence[Tensor], scalars: S
                 mode, dim0_counts)
 
 
+def kernel_or_rows(name: str, group: dict[str, Any], param: Tensor, grad: Tensor,
+                   state: Sequence[Tensor], scalars: Sequence[float], counts: Tensor | None,
+                   mode: int = 0) -> tuple[RowGrad, Tensor, list[Tensor]] | None:
+    """Kernel ``name``'s step of ``param`` and its ``state`` tensors for the sparse
+    ``grad`` where the compiled kernels apply (:func:`kernel_update`: queued in the open
+    batch, or run), returning None; elsewhere what the torch ops take instead: the
+    gradient as rows, and the parameter and the state viewed as rows.
+
+    An embedding table's gradient (:func:`table_step`) goes to the kernel with a fraction
+    of the Python of the general path (:func:`row_grad`, :func:`rows_of`,
+    :func:`use_kernel`): a model has dozens of tables, each stepped every step.
+    """
+    if table_step(name, group, param, grad, state, scalars, counts, mode):
+        return None
+    rows = row_grad(param, grad)
+    tables = [rows_of(tensor, rows.num_rows) for tensor in (param, *state)]
+    if use_kernel(group, *tables):
+        kernel_update(name, rows, tables, scalars, counts, mode)
+        return None
+    return rows, tables[0], tables[1:]
+
+
 def table_step(name: str, group: dict[str, Any], param: Tensor, grad: Tensor,
                state: Sequence[Tensor], scalars: Sequence[float], counts: Tensor | None,
                mode: int = 0) -> bool:
-    """:func:`kernel_update` for the gradient of an embedding table, with a fraction of
-    its Python cost per table (a model has dozens of tables, each stepped every step).
+    """:func:`kernel_update` for the gradient of an embedding table, with little Python.
 
-    Applies where the general path (:func:`row_grad`, :func:`use_kernel`,
-    :func:`kernel_update`) would run the kernel on ``[param, *state]`` as they are:
-    a 2-D parameter and a gradient with one sparse dimension. Returns False elsewhere,
-    doing nothing: the caller takes the general path.
+    Applies where the general path would run the kernel on ``[param, *state]`` as they
+    are: a 2-D parameter and a gradient with one sparse dimension. Returns False
+    elsewhere, doing nothing.
     """
     if group["impl"] == "reference" or param.dim() != 2 or grad.sparse_dim() != 1:
         return False

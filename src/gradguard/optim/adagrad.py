@@ -186,14 +186,10 @@ class Adagrad(Optimizer):
         clr = as_float(group["lr"]) / (1 + (state["step"].item() - 1) * group["lr_decay"])
         counts = _sparse.row_counts(group, param, state)
         scalars = [-clr, float(group["eps"]), -1.0 if group["maximize"] else 1.0]
-        if _sparse.table_step("adagrad", group, param, grad, [state["sum"]], scalars, counts):
-            return
-        rows = _sparse.row_grad(param, grad)
-        table = _sparse.rows_of(param, rows.num_rows)
-        sums = _sparse.rows_of(state["sum"], rows.num_rows)
-        if _sparse.use_kernel(group, table, sums):
-            _sparse.kernel_update("adagrad", rows, [table, sums], scalars, counts)
-        else:
+        torch_ops = _sparse.kernel_or_rows("adagrad", group, param, grad, [state["sum"]],
+                                           scalars, counts)
+        if torch_ops is not None:
+            rows, table, (sums,) = torch_ops
             touched = _sparse_adagrad(table, sums, rows, clr=clr, eps=group["eps"],
                                       maximize=group["maximize"])
             _sparse.count_touched(counts, touched, rows.num_rows)

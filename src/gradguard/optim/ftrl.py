@@ -157,16 +157,10 @@ class FTRL(Optimizer):
         lr, beta = as_float(group["lr"]), float(group["beta"])
         l1, l2 = float(group["l1"]) + 0.0, float(group["l2"])
         scalars = [lr, 1 / lr, beta + lr * l2, l1, -1.0 if group["maximize"] else 1.0]
-        if _sparse.table_step("ftrl", group, param, grad, [state["z"], state["n"]], scalars,
-                              counts):
-            return
-        rows = _sparse.row_grad(param, grad)
-        table = _sparse.rows_of(param, rows.num_rows)
-        zs = _sparse.rows_of(state["z"], rows.num_rows)
-        ns = _sparse.rows_of(state["n"], rows.num_rows)
-        if _sparse.use_kernel(group, table, zs, ns):
-            _sparse.kernel_update("ftrl", rows, [table, zs, ns], scalars, counts)
-        else:
+        torch_ops = _sparse.kernel_or_rows("ftrl", group, param, grad, [state["z"], state["n"]],
+                                           scalars, counts)
+        if torch_ops is not None:
+            rows, table, (zs, ns) = torch_ops
             touched = _sparse_ftrl(table, zs, ns, rows, lr=lr, beta=beta, l1=l1, l2=l2,
                                    maximize=group["maximize"])
             _sparse.count_touched(counts, touched, rows.num_rows)

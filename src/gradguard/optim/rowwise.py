@@ -155,15 +155,11 @@ class RowWiseAdagrad(Optimizer):
         scalars = [arguments["lr"], arguments["eps"], arguments["weight_decay"],
                    -1.0 if arguments["maximize"] else 1.0, 0.0, 1.0, float(width)]
         mode = _MODE_CODES[arguments["mode"]]
-        sums = state["sum"].view(-1, 1)
-        if _sparse.table_step("rowwise_adagrad", group, param, grad, [sums], scalars, counts,
-                              mode):
+        torch_ops = _sparse.kernel_or_rows("rowwise_adagrad", group, param, grad,
+                                           [state["sum"].view(-1, 1)], scalars, counts, mode)
+        if torch_ops is None:
             return
-        rows = _sparse.row_grad(param, grad)
-        table = _sparse.rows_of(param, rows.num_rows)
-        if _sparse.use_kernel(group, table, sums):
-            _sparse.kernel_update("rowwise_adagrad", rows, [table, sums], scalars, counts, mode)
-            return
+        rows, table, (sums,) = torch_ops
         touched, values = _sparse.coalesce(rows)
         weights = table.index_select(0, touched).to(sums.dtype)
         row_sums = sums.index_select(0, touched).view(-1)

@@ -124,17 +124,11 @@ class SparseAdam(Optimizer):
         counts = _sparse.row_counts(group, param, state)
         scalars = [1 - beta1, 1 - beta2, float(group["eps"]), -step_size,
                    -1.0 if group["maximize"] else 1.0]
-        if _sparse.table_step("sparse_adam", group, param, grad,
-                              [state["exp_avg"], state["exp_avg_sq"]], scalars, counts):
-            return
-        rows = _sparse.row_grad(param, grad)
-        table = _sparse.rows_of(param, rows.num_rows)
-        exp_avg = _sparse.rows_of(state["exp_avg"], rows.num_rows)
-        exp_avg_sq = _sparse.rows_of(state["exp_avg_sq"], rows.num_rows)
-        if _sparse.use_kernel(group, table, exp_avg, exp_avg_sq):
-            _sparse.kernel_update("sparse_adam", rows, [table, exp_avg, exp_avg_sq], scalars,
-                                  counts)
-        else:
+        torch_ops = _sparse.kernel_or_rows("sparse_adam", group, param, grad,
+                                           [state["exp_avg"], state["exp_avg_sq"]], scalars,
+                                           counts)
+        if torch_ops is not None:
+            rows, table, (exp_avg, exp_avg_sq) = torch_ops
             touched = _sparse_adam(table, exp_avg, exp_avg_sq, rows, beta1=beta1, beta2=beta2,
                                    eps=group["eps"], step_size=step_size,
                                    maximize=group["maximize"])
