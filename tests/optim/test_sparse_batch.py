@@ -10,6 +10,7 @@ before it starts: test_sparse_ids.py).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -99,6 +100,40 @@ def test_many_tables_in_one_step_equal_the_torch_ops_on_any_threads(
     for key in keys:
         assert all(torch.equal(one_opt.state[a][key], three_opt.state[b][key])
                    for a, b in zip(one, three, strict=True))
+
+
+def test_optimizers_stepping_from_two_python_threads_each_get_their_own_steps(
+        team: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the threads' scratch and the team's batch list serve one batch at a time: two
+    # optimizers stepping their own tables from two Python threads at once (the
+    # parallel region releases the GIL, so the other thread queues its tables then)
+    # get what each gets alone, bit for bit
+    monkeypatch.setattr(_sparse, "ROWS_PER_THREAD", 128)
+    names = ["adagrad", "sparse_adam", "ftrl", "rowwise_adagrad"]
+    alone = {name: run_steps(ALGORITHMS[name][0], "auto", 20)[0] for name in names}
+    together: dict[str, list[torch.nn.Parameter]] = {}
+    errors: list[BaseException] = []
+
+    def train(name: str) -> None:
+        try:
+            params = make_tables(seed=3, dtype=torch.float64, tables=MANY_TABLES)
+            optimizer = ALGORITHMS[name][0](params, "auto")
+            stream = ZipfLookups(MANY_TABLES, seed=3, lookups=LOOKUPS, dtype=torch.float64)
+            for t in range(20):
+                stream.apply(params, t)
+                optimizer.step()
+            together[name] = params
+        except BaseException as err:  # reported below, in the test's thread
+            errors.append(err)
+
+    workers = [threading.Thread(target=train, args=(name,)) for name in names]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert not errors, errors
+    for name in names:
+        assert all(torch.equal(a, b) for a, b in zip(together[name], alone[name], strict=True))
 
 
 def test_float32_and_float64_tables_in_one_step(team: str) -> None:
