@@ -287,8 +287,9 @@ class _Scratch:
     """The threads' scratch for compiled steps, kept between steps (allocating and
     faulting in megabytes per step costs more than the step): per thread slot, the
     sort buffers and row lists (:data:`~._sparse_kernels.SCRATCH_ARRAYS` rows of
-    ``stride`` int64) and a radix histogram; and the batch list of the OpenMP team's
-    batches (its threads are done with it when ``GOMP_parallel`` returns)."""
+    ``stride`` int64) and a radix histogram; and the batch list of the batches that
+    torch's OpenMP team or the calling thread alone runs (all are done with it when
+    the call returns; a thread pool's batch gets its own list)."""
 
     def __init__(self) -> None:
         import numpy as np

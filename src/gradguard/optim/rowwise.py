@@ -151,7 +151,7 @@ class RowWiseAdagrad(Optimizer):
         _sparse.advance(state["step"])
         arguments = self._arguments(group)
         counts = _sparse.row_counts(group, param, state)
-        width = param.numel() // max(1, param.shape[0])  # a sparse gradient's row: dims 1..
+        width = param.numel() // max(1, param.shape[0])  # a row: all dims after the first
         scalars = [arguments["lr"], arguments["eps"], arguments["weight_decay"],
                    -1.0 if arguments["maximize"] else 1.0, 0.0, 1.0, float(width)]
         mode = _MODE_CODES[arguments["mode"]]
