@@ -240,9 +240,12 @@ def kernels_installed() -> bool:
 def kernel_applies(param: Tensor, *state: Tensor) -> bool:
     """Whether the compiled kernels can update ``param`` and its ``state`` in place."""
     dtype = param.dtype
-    return (param.is_cpu and dtype in KERNEL_DTYPES and param.is_contiguous()
-            and all(s.is_cpu and s.dtype == dtype and s.is_contiguous() for s in state)
-            and kernels_installed())
+    if not (param.is_cpu and dtype in KERNEL_DTYPES and param.is_contiguous()):
+        return False
+    for tensor in state:  # (a loop: a generator costs more, paid per table and step)
+        if not (tensor.is_cpu and tensor.dtype == dtype and tensor.is_contiguous()):
+            return False
+    return kernels_installed()
 
 
 _LOCK = threading.Lock()
@@ -382,8 +385,6 @@ class _Frame:
         self.address = self.fields.ctypes.data
         self.field_bytes = self.fields.data.cast("B")  # for struct.pack_into
         self.buffers = [np.empty(0, np.int64) for _ in range(4)]
-        self.buffer_addresses: tuple[int, ...] = ()
-        self.capacity = (-1, -1, -1)  # (lookups, tasks, slices x tasks) the buffers hold
         self.module = module
         self.layout_key: tuple[int, ...] = ()
         self.layout_threads = 0
@@ -410,17 +411,13 @@ class _Frame:
     def prepare(self, lookups: int, parts: int, slices: int) -> tuple[int, ...]:
         """Grow the shared buffers for ``lookups`` lookups in ``parts`` tasks and ``slices``
         slices; return their addresses (part starts, part order, task order, slice
-        histograms)."""
+        histograms). Called when a step's layout changes only."""
         import numpy as np
 
-        held_lookups, held_parts, held_slices = self.capacity
-        if lookups > held_lookups or parts > held_parts or slices * parts > held_slices:
-            sizes = (parts + 1, lookups, parts, slices * parts)
-            self.buffers = [b if b.size >= n else np.empty(n, np.int64)
-                            for b, n in zip(self.buffers, sizes, strict=True)]
-            self.buffer_addresses = tuple(b.ctypes.data for b in self.buffers)
-            self.capacity = (self.buffers[1].size, self.buffers[2].size, self.buffers[3].size)
-        return self.buffer_addresses
+        sizes = (parts + 1, lookups, parts, slices * parts)
+        self.buffers = [b if b.size >= n else np.empty(n, np.int64)
+                        for b, n in zip(self.buffers, sizes, strict=True)]
+        return tuple(b.ctypes.data for b in self.buffers)
 
 
 class _Step(NamedTuple):
@@ -521,19 +518,10 @@ def table_step(name: str, group: dict[str, Any], param: Tensor, grad: Tensor,
     are: a 2-D parameter and a gradient with one sparse dimension. Returns False
     elsewhere, doing nothing.
     """
-    if group["impl"] == "reference" or param.dim() != 2 or grad.sparse_dim() != 1:
+    if param.dim() != 2 or grad.sparse_dim() != 1 or not use_kernel(group, param, *state):
         return False
-    dtype = param.dtype
-    if not (param.is_cpu and dtype in KERNEL_DTYPES and param.is_contiguous()):
-        return False
-    for tensor in state:
-        if not (tensor.is_cpu and tensor.dtype == dtype and tensor.is_contiguous()):
-            return False
-    module = _kernel_module()
-    if module is None:
-        return False
-    _queue_step(module, name, param.shape[0], grad._indices(), grad._values(), [param, *state],
-                scalars, counts, mode, None)
+    _queue_step(kernels(), name, param.shape[0], grad._indices(), grad._values(),
+                [param, *state], scalars, counts, mode, None)
     return True
 
 
