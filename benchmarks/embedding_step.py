@@ -16,6 +16,14 @@ interleaved repetitions, on the same tables:
   kernel when numba is installed) and ``Adagrad`` with ``impl="reference"``
   (the torch-ops path).
 
+After each repetition's steps, the *random-row floors* (``random_row_floor.py``,
+needs numba) run on fresh ids: a compiled loop on all threads that only reads
+and writes the distinct rows of the tables and of a state (Adagrad's, one value
+per element, or RowWiseAdagrad's, one per row), and reads the values once, in
+order; no sorting, coalescing or optimizer arithmetic. No step of that
+algorithm can take less on this machine, so torch's step time over the floor's
+is the largest speed-up the machine allows.
+
 Printed per distribution: median step times (and the median of the steps that
 directly follow the dense step, whose 2.5 GB leave every cache cold); the
 speed-up over torch's sparse and dense fused steps (goal, for the default
@@ -26,11 +34,12 @@ gradients and state for the dense step) per second, as a fraction of the
 machine's memory-bandwidth ceiling measured in the same run (the better of
 two measurements, before and after the steps, of the best in-place streaming
 kernel over arrays of the tables' size, at least 256 MiB, all threads: a
-sequential ceiling, which random rows cannot reach); and each optimizer's state
-bytes. The methods run in a different order each repetition, chosen so that
-over every ``4 * 5 = 20`` repetitions each method directly follows each other
-one equally often (what ran before a step matters: the dense step streams 2.5
-GB through the caches).
+sequential ceiling, which random rows cannot reach); each optimizer's state
+bytes; the floors' times, the speed-up each allows and each gradguard step's
+time over its floor. The methods run in a different order each repetition,
+chosen so that over every ``4 * 5 = 20`` repetitions each method directly
+follows each other one equally often (what ran before a step matters: the dense
+step streams 2.5 GB through the caches).
 
 Run: ``.venv/bin/python benchmarks/embedding_step.py [--rows 2e6] [--dim 64]
 [--lookups 20000] [--tables 1] [--reps 20] [--zipf 1.1] [--threads N]``
@@ -52,6 +61,7 @@ import torch
 import gradguard.optim as go
 from gradguard.optim import _sparse
 from gradguard.optim.rowwise import RowWiseAdagrad
+from random_row_floor import make_floor
 
 GOAL = 10.0
 """Speed-up over torch.optim.Adagrad's sparse step that gradguard aims for."""
@@ -169,6 +179,12 @@ def main() -> None:
     if not kernel:
         methods[2].label += " (torch ops)"
         methods[4].label += " (torch ops)"
+    # (label, floor, the method whose bytes it touches)
+    floors = [(label, floor, method) for label, floor, method in (
+        ("floor: Adagrad's rows", make_floor(tables), methods[2]),
+        ("floor: RowWiseAdagrad's rows", make_floor(tables, row_wise=True), methods[4]))
+        if floor is not None]
+    floor_of = {method.label: label for label, _, method in floors}
 
     permutation = torch.randperm(rows, generator=gen)
     draws: dict[str, Callable[[], torch.Tensor]] = {
@@ -176,12 +192,14 @@ def main() -> None:
         f"zipf {args.zipf:g}": zipf_sampler(rows, args.zipf, lookups, gen, permutation),
     }
     speedups: dict[tuple[str, str], float] = {}
+    step_times: dict[tuple[str, str], float] = {}  # medians
     results: list[tuple[str, dict[str, float], dict[str, float], dict[str, float], float]] = []
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
     for distribution, draw in draws.items():
-        times: dict[str, list[float]] = {m.label: [] for m in methods}
-        traffic: dict[str, list[int]] = {m.label: [] for m in methods}
-        after_dense: dict[str, list[float]] = {m.label: [] for m in methods}
+        labels = [m.label for m in methods] + [label for label, _, _ in floors]
+        times: dict[str, list[float]] = {label: [] for label in labels}
+        traffic: dict[str, list[int]] = {label: [] for label in labels}
+        after_dense: dict[str, list[float]] = {label: [] for label in labels}
         distinct: list[int] = []
         previous: Method | None = None
         for rep in range(args.reps + 2):  # the first two warm up (kernel compilation, caches)
@@ -205,6 +223,17 @@ def main() -> None:
                     if method is methods[0]:
                         distinct.append(sum(touched))
                 previous = method
+            # the floors after the rep's steps, so that they follow each method in turn
+            for label, floor, like in floors[::1 if rep % 2 else -1]:
+                ids = [draw() for _ in tables]
+                elapsed = floor(ids, [values] * count)
+                if rep >= 2:
+                    times[label].append(elapsed)
+                    if previous is not None and previous.dense:
+                        after_dense[label].append(elapsed)
+                    traffic[label].append(sum(touched_bytes(like, lookups, int(torch.unique(
+                        i).numel()), rows, dim) for i in ids))
+                previous = None
         results.append((distribution,
                         {label: statistics.median(ts) for label, ts in times.items()},
                         {label: statistics.median(b) for label, b in traffic.items()},
@@ -226,14 +255,18 @@ def main() -> None:
                   f"{'state MiB':>10} {'after dense ms':>15}")
         print(header)
         print("-" * len(header))
-        for method in methods:
-            step = median[method.label]
-            moved = moved_median[method.label]
-            speedups[(method.label, distribution)] = sparse_peer / step
-            print(f"{method.label:<32} {step * 1e3:8.2f} {sparse_peer / step:15.1f}x "
+        rows_out = [(m.label, f"{state_bytes(m.optimizer) / 2**20:10.1f}") for m in methods]
+        rows_out += [(label, f"{'-':>10}") for label, _, _ in floors]
+        for label, state in rows_out:
+            step = median[label]
+            moved = moved_median[label]
+            speedups[(label, distribution)] = sparse_peer / step
+            step_times[(label, distribution)] = step
+            after = after_dense_median[label]  # nan: never ran right after the dense step
+            print(f"{label:<32} {step * 1e3:8.2f} {sparse_peer / step:15.1f}x "
                   f"{dense_peer / step:14.1f}x {moved / 1e6:11.1f} {moved / step / 1e9:6.1f} "
-                  f"{moved / step / ceiling:10.1%} {state_bytes(method.optimizer) / 2**20:10.1f} "
-                  f"{after_dense_median[method.label] * 1e3:15.2f}")
+                  f"{moved / step / ceiling:10.1%} {state} "
+                  + (f"{'-':>15}" if math.isnan(after) else f"{after * 1e3:15.2f}"))
         print()
 
     # the goal is set for the default problem (one 2,000,000 x 64 table, 20,000 lookups)
@@ -245,6 +278,17 @@ def main() -> None:
         cells = ", ".join(f"{d} {speedups[(method.label, d)]:.1f}x" for d in draws)
         met = all(speedups[(method.label, d)] >= GOAL for d in draws)
         print(f"  {method.label}: {cells}" + (f"  [{'met' if met else 'NOT met'}]" if goal else ""))
+    if not floors:
+        print("random-row floor: not measured (needs numba: pip install gradguard[fast])")
+        return
+    print("the most the random-row floor allows on this machine (torch's step / the floor's), "
+          "and the step's time over the floor's (1.00 = as fast as touching its bytes):")
+    for method in (methods[2], methods[4]):
+        label = floor_of[method.label]
+        most = ", ".join(f"{d} {speedups[(label, d)]:.1f}x" for d in draws)
+        over = ", ".join(f"{d} {step_times[(method.label, d)] / step_times[(label, d)]:.2f}"
+                         for d in draws)
+        print(f"  {method.label}: at most {most}; step / floor {over}")
 
 
 if __name__ == "__main__":
