@@ -31,7 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -56,6 +56,13 @@ of rows and of values of this table and the ones before it (cumulative)."""
 
 
 _COMPILED: list[tuple[Callable[[Any], None], Any]] = []
+
+
+class Plan(NamedTuple):
+    """One pass: the int64 plan the threads read, and the tensors its addresses point to."""
+
+    fields: Any
+    keep: list[torch.Tensor]
 
 
 def _chunks(count: int) -> int:
@@ -158,8 +165,8 @@ class Floor:
         self._share, self._entry = _COMPILED[0]
         self._np = np
         self.tables = [t.detach() for t in tables]
-        self.states = [torch.zeros(t.shape[0], 1 if row_wise else t.shape[1])
-                       for t in self.tables]
+        self.states = [torch.zeros(t.shape[0], 1 if row_wise else t.shape[1],
+                                   dtype=torch.float32) for t in self.tables]
         for tensor in [*self.tables, *self.states]:
             _hugepages.advise(tensor)
         self.threads = threads or torch.get_num_threads()
@@ -168,7 +175,7 @@ class Floor:
         self._pool = (ThreadPoolExecutor(self.threads - 1)
                       if self._team is None and self.threads > 1 else None)
 
-    def plan(self, ids: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> Any:
+    def plan(self, ids: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> Plan:
         """The plan of one pass: each table's distinct rows of ``ids`` and its ``values``."""
         np = self._np
         if not len(ids) == len(values) == len(self.tables):
@@ -176,7 +183,7 @@ class Floor:
                              f"got {len(ids)} and {len(values)}")
         plan = np.zeros(HEADER + RECORD * len(self.tables), np.int64)
         plan[NUM_TABLES], plan[SINK] = len(self.tables), self.sink.ctypes.data
-        keep = []
+        keep: list[torch.Tensor] = []
         row_chunks = value_chunks = 0
         for k, (table, state, table_ids, table_values) in enumerate(
                 zip(self.tables, self.states, ids, values, strict=True)):
@@ -195,21 +202,21 @@ class Floor:
                 table.data_ptr(), state.data_ptr(), table_values.data_ptr(), rows.data_ptr(),
                 rows.numel(), table_values.shape[0], table.shape[0], table.shape[1],
                 state.shape[1], row_chunks, value_chunks]
-        return plan, keep
+        return Plan(plan, keep)
 
-    def run(self, plan: Any) -> float:
+    def run(self, plan: Plan) -> float:
         """Run a plan (once); return its seconds."""
-        plan, _keep = plan
-        plan[:NUM_TABLES] = 0
+        fields = plan.fields
+        fields[:NUM_TABLES] = 0  # the claim counters
         self.sink[:] = 0
         if self._team is not None and self.threads > 1:
             t0 = time.perf_counter()
-            self._team(self._entry.address, plan.ctypes.data, self.threads, 0)
+            self._team(self._entry.address, fields.ctypes.data, self.threads, 0)
             return time.perf_counter() - t0
         t0 = time.perf_counter()
-        futures = [self._pool.submit(self._share, plan) for _ in range(self.threads - 1)
+        futures = [self._pool.submit(self._share, fields) for _ in range(self.threads - 1)
                    ] if self._pool is not None else []
-        self._share(plan)
+        self._share(fields)
         for future in futures:
             future.result()
         return time.perf_counter() - t0
