@@ -79,26 +79,35 @@ def _compile() -> tuple[Callable[[Any], None], Any]:
     kernels = _sparse.kernels()
     claim, pointer, prefetch_row = kernels._claim, kernels._pointer, kernels._prefetch_row
 
+    @numba.njit(nogil=True, error_model="numpy", inline="always")
+    def claim_chunk(plan: Any, counter: int, ends: int, size: int, t: int) -> Any:
+        """Claim the next chunk on ``plan[counter]`` (chunks numbered across the tables,
+        ``ends`` the record field of their cumulative count, ``size`` that of how many
+        rows they cover): (its table's record, its first row, the table's number ``t``,
+        searched from the last one on), or a record of -1 when none is left."""
+        chunk = claim(plan, counter)
+        if chunk >= plan[HEADER + (plan[NUM_TABLES] - 1) * RECORD + ends]:
+            return -1, 0, t
+        while plan[HEADER + t * RECORD + ends] <= chunk:
+            t += 1
+        record = HEADER + t * RECORD
+        first = plan[record + ends] - (plan[record + size] + CHUNK_ROWS - 1) // CHUNK_ROWS
+        return record, (chunk - first) * CHUNK_ROWS, t
+
     @numba.njit(nogil=True, error_model="numpy")
     def share(plan: Any) -> None:
         slot = claim(plan, NEXT_SLOT)
-        last = HEADER + (plan[NUM_TABLES] - 1) * RECORD
         t = 0
         while True:  # the rows of table and state
-            chunk = claim(plan, NEXT_ROW_CHUNK)
-            if chunk >= plan[last + ROW_CHUNKS]:
+            record, lo, t = claim_chunk(plan, NEXT_ROW_CHUNK, ROW_CHUNKS, DISTINCT, t)
+            if record < 0:
                 break
-            while plan[HEADER + t * RECORD + ROW_CHUNKS] <= chunk:
-                t += 1
-            record = HEADER + t * RECORD
             num_rows, width = plan[record + NUM_ROWS], plan[record + WIDTH]
             distinct, state_width = plan[record + DISTINCT], plan[record + STATE_WIDTH]
             table = carray(pointer(plan[record + TABLE], np.float32(0)), (num_rows, width))
             state = carray(pointer(plan[record + STATE], np.float32(0)),
                            (num_rows, state_width))
             rows = carray(pointer(plan[record + ROWS], np.int64(0)), (distinct,))
-            start = plan[record + ROW_CHUNKS] - (distinct + CHUNK_ROWS - 1) // CHUNK_ROWS
-            lo = (chunk - start) * CHUNK_ROWS
             hi = min(distinct, lo + CHUNK_ROWS)
             for j in range(lo, min(hi, lo + PREFETCH_ROWS)):
                 prefetch_row(table, rows[j], width, 16)  # 16 floats: a 64-byte line
@@ -121,16 +130,11 @@ def _compile() -> tuple[Callable[[Any], None], Any]:
         total = 0.0
         t = 0
         while True:  # the values, in order
-            chunk = claim(plan, NEXT_VALUE_CHUNK)
-            if chunk >= plan[last + VALUE_CHUNKS]:
+            record, lo, t = claim_chunk(plan, NEXT_VALUE_CHUNK, VALUE_CHUNKS, LOOKUPS, t)
+            if record < 0:
                 break
-            while plan[HEADER + t * RECORD + VALUE_CHUNKS] <= chunk:
-                t += 1
-            record = HEADER + t * RECORD
             lookups, width = plan[record + LOOKUPS], plan[record + WIDTH]
             values = carray(pointer(plan[record + VALUES], np.float32(0)), (lookups, width))
-            start = plan[record + VALUE_CHUNKS] - (lookups + CHUNK_ROWS - 1) // CHUNK_ROWS
-            lo = (chunk - start) * CHUNK_ROWS
             for i in range(lo, min(lookups, lo + CHUNK_ROWS)):
                 for c in range(width):
                     total += values[i, c]
