@@ -10,8 +10,8 @@ threads (its OpenMP team where there is one), that does only the memory work:
 
 * each distinct row of the table and of a state array is read and written
   (``state += 1``, ``table -= 1e-6 * state``), rows in ascending order,
-  prefetched :data:`PREFETCH_ROWS` rows ahead as gradguard's kernels do, chunks
-  of :data:`CHUNK_ROWS` rows claimed by whichever thread is free;
+  prefetched :data:`PREFETCH_ROWS` rows ahead, chunks of :data:`CHUNK_ROWS` rows
+  claimed by whichever thread is free;
 * the values are read once, in order (a sequential stream: the cheapest way to
   read them), and summed, and each thread writes its sum out, so that no compiler
   drops the reads.
@@ -37,12 +37,16 @@ import torch
 
 from gradguard.optim import _hugepages, _sparse
 
-CHUNK_ROWS = 64
+CHUNK_ROWS = 256
 """Rows (and values rows) a thread claims at a time."""
 
-PREFETCH_ROWS = 16
-"""How many rows ahead the table and state rows are prefetched (gradguard's kernels'
-``PREFETCH_ROWS``)."""
+PREFETCH_ROWS = 48
+"""How many rows ahead the table and state rows are prefetched. With this and
+:data:`CHUNK_ROWS` the loop ran fastest of those tried (8 to 48 rows ahead, chunks of 64
+to 256 rows) on the development VM, on one 2,000,000 x 64 table after a 256 MB write:
+0.93 ms for 6,846 rows (Zipf ids) against 1.08 ms with 16 and 64 (the sparse kernels'
+prefetch distance), 1.55 against 1.62 ms for 19,900 rows (uniform ids). Without
+prefetching the uniform rows took 1.94 ms (against 1.53 ms with 16 and 64, another run)."""
 
 # The plan (int64): the claim counters and the table count, then one record per table.
 NEXT_ROW_CHUNK, NEXT_VALUE_CHUNK, NEXT_SLOT, NUM_TABLES, SINK = range(5)
