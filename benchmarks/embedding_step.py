@@ -20,9 +20,10 @@ After each repetition's steps, the *random-row floors* (``random_row_floor.py``,
 needs numba) run on fresh ids: a compiled loop on all threads that only reads
 and writes the distinct rows of the tables and of a state (Adagrad's, one value
 per element, or RowWiseAdagrad's, one per row), and reads the values once, in
-order; no sorting, coalescing or optimizer arithmetic. No step of that
-algorithm can take less on this machine, so torch's step time over the floor's
-is the largest speed-up the machine allows.
+order; no sorting, coalescing or optimizer arithmetic. Every step of that
+algorithm does at least this memory work, so torch's step time over the floor's
+is the largest speed-up the machine allows (as far as the floor's loop, the
+fastest of the settings tried, gets the most out of the memory system).
 
 Printed per distribution: median step times (and the median of the steps that
 directly follow the dense step, whose 2.5 GB leave every cache cold); the

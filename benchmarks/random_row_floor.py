@@ -19,9 +19,10 @@ threads (its OpenMP team where there is one), that does only the memory work:
 The state array has the table's shape (Adagrad's sum, one value per element) or,
 with ``row_wise=True``, one column (RowWiseAdagrad's one value per row). No
 sorting, no coalescing, no optimizer arithmetic: the distinct rows are found
-before the clock starts. No implementation of the step can beat it on the same
-machine and the same cache state, so ``torch's step / floor`` is the largest
-speed-up over torch that the machine allows.
+before the clock starts. Every implementation of the step does at least this
+memory work, so ``torch's step / floor`` is the largest speed-up over torch that
+the machine allows, as far as this loop gets the most out of the memory system:
+it is the fastest of the prefetch settings tried (:data:`PREFETCH_ROWS`).
 
 Needs numba (gradguard's ``fast`` extra); :func:`make_floor` returns None without it.
 """
@@ -48,7 +49,8 @@ to 256 rows) on the development VM, on one 2,000,000 x 64 table after a 256 MB w
 prefetch distance), 1.55 against 1.62 ms for 19,900 rows (uniform ids). Without
 prefetching the uniform rows took 1.94 ms (against 1.53 ms with 16 and 64, another run)."""
 
-# The plan (int64): the claim counters and the table count, then one record per table.
+# The plan (int64): the claim counters, the table count and the address of the threads'
+# sums of the values (float64, one per thread), then one record per table.
 NEXT_ROW_CHUNK, NEXT_VALUE_CHUNK, NEXT_SLOT, NUM_TABLES, SINK = range(5)
 HEADER = 5
 (TABLE, STATE, VALUES, ROWS, DISTINCT, LOOKUPS, NUM_ROWS, WIDTH, STATE_WIDTH, ROW_CHUNKS,
@@ -156,7 +158,8 @@ class Floor:
     """Runs the floor's pass over tables and their own state arrays (the tables' shape, or
     one column with ``row_wise``), on ``threads`` threads (torch's thread count unless
     given): on torch's OpenMP team where there is one (as gradguard's steps run) unless
-    ``use_team`` is False, else on a thread pool."""
+    ``use_team`` is False, else on a thread pool. A pass writes to the tables themselves
+    (``-1e-6 * state`` on each touched element), as a step would."""
 
     def __init__(self, tables: Sequence[torch.Tensor], threads: int = 0, row_wise: bool = False,
                  use_team: bool = True) -> None:
