@@ -278,7 +278,13 @@ def main() -> None:
     for method in (methods[2], methods[4]):
         cells = ", ".join(f"{d} {speedups[(method.label, d)]:.1f}x" for d in draws)
         met = all(speedups[(method.label, d)] >= GOAL for d in draws)
-        print(f"  {method.label}: {cells}" + (f"  [{'met' if met else 'NOT met'}]" if goal else ""))
+        verdict = "met" if met else "NOT met"
+        floor_label = floor_of.get(method.label)
+        beyond = [d for d in draws
+                  if floor_label is not None and speedups[(floor_label, d)] < GOAL]
+        if not met and beyond:  # no step could reach the goal on this machine
+            verdict += "; beyond this machine's random-row floor on " + ", ".join(beyond)
+        print(f"  {method.label}: {cells}" + (f"  [{verdict}]" if goal else ""))
     if not floors:
         print("random-row floor: not measured (needs numba: pip install gradguard[fast])")
         return
