@@ -49,16 +49,18 @@ to 256 rows) on the development VM, on one 2,000,000 x 64 table after a 256 MB w
 prefetch distance), 1.55 against 1.62 ms for 19,900 rows (uniform ids). Without
 prefetching the uniform rows took 1.94 ms (against 1.53 ms with 16 and 64, another run)."""
 
-# The plan (int64): the claim counters, the table count and the address of the threads'
-# sums of the values (float64, one per thread), then one record per table.
-NEXT_ROW_CHUNK, NEXT_VALUE_CHUNK, NEXT_SLOT, NUM_TABLES, SINK = range(5)
-HEADER = 5
-(TABLE, STATE, VALUES, ROWS, DISTINCT, LOOKUPS, NUM_ROWS, WIDTH, STATE_WIDTH, ROW_CHUNKS,
- VALUE_CHUNKS) = range(11)
+# The plan (int64): the claim counters, the table count, the address of the threads'
+# sums of the values (float64, one per thread), the chunks of rows and of values of all
+# tables, then one record per table.
+NEXT_ROW_CHUNK, NEXT_VALUE_CHUNK, NEXT_SLOT, NUM_TABLES, SINK, ROW_CHUNKS, VALUE_CHUNKS = (
+    range(7))
+HEADER = 7
+(TABLE, STATE, VALUES, ROWS, DISTINCT, LOOKUPS, NUM_ROWS, WIDTH, STATE_WIDTH, FIRST_ROW_CHUNK,
+ FIRST_VALUE_CHUNK) = range(11)
 RECORD = 11
 """A table's record: addresses of table, state, values and distinct rows (int64); the
-distinct rows, lookups, table rows, width and state width (the width or 1); the chunks
-of rows and of values of this table and the ones before it (cumulative)."""
+distinct rows, lookups, table rows, width and state width (the width or 1); the number
+of its first chunk of rows and of values (chunks are numbered across the tables)."""
 
 
 _COMPILED: list[tuple[Callable[[Any], None], Any]] = []
@@ -69,10 +71,6 @@ class Plan(NamedTuple):
 
     fields: Any
     keep: list[torch.Tensor]
-
-
-def _chunks(count: int) -> int:
-    return (count + CHUNK_ROWS - 1) // CHUNK_ROWS
 
 
 def _compile() -> tuple[Callable[[Any], None], Any]:
@@ -86,26 +84,25 @@ def _compile() -> tuple[Callable[[Any], None], Any]:
     claim, pointer, prefetch_row = kernels._claim, kernels._pointer, kernels._prefetch_row
 
     @numba.njit(nogil=True, error_model="numpy", inline="always")
-    def claim_chunk(plan: Any, counter: int, ends: int, size: int, t: int) -> Any:
-        """Claim the next chunk on ``plan[counter]`` (chunks numbered across the tables,
-        ``ends`` the record field of their cumulative count, ``size`` that of how many
-        rows they cover): (its table's record, its first row, the table's number ``t``,
-        searched from the last one on), or a record of -1 when none is left."""
+    def claim_chunk(plan: Any, counter: int, total: int, first: int, t: int) -> Any:
+        """Claim the next of the ``plan[total]`` chunks on ``plan[counter]``: (its table's
+        record, its first row there, the table's number ``t``, searched from the last one
+        on; ``first`` is the record field of a table's first chunk), or a record of -1 when
+        none is left."""
         chunk = claim(plan, counter)
-        if chunk >= plan[HEADER + (plan[NUM_TABLES] - 1) * RECORD + ends]:
+        if chunk >= plan[total]:
             return -1, 0, t
-        while plan[HEADER + t * RECORD + ends] <= chunk:
-            t += 1
+        while t + 1 < plan[NUM_TABLES] and plan[HEADER + (t + 1) * RECORD + first] <= chunk:
+            t += 1  # (past the tables without chunks too)
         record = HEADER + t * RECORD
-        first = plan[record + ends] - (plan[record + size] + CHUNK_ROWS - 1) // CHUNK_ROWS
-        return record, (chunk - first) * CHUNK_ROWS, t
+        return record, (chunk - plan[record + first]) * CHUNK_ROWS, t
 
     @numba.njit(nogil=True, error_model="numpy")
     def share(plan: Any) -> None:
         slot = claim(plan, NEXT_SLOT)
         t = 0
         while True:  # the rows of table and state
-            record, lo, t = claim_chunk(plan, NEXT_ROW_CHUNK, ROW_CHUNKS, DISTINCT, t)
+            record, lo, t = claim_chunk(plan, NEXT_ROW_CHUNK, ROW_CHUNKS, FIRST_ROW_CHUNK, t)
             if record < 0:
                 break
             num_rows, width = plan[record + NUM_ROWS], plan[record + WIDTH]
@@ -136,7 +133,8 @@ def _compile() -> tuple[Callable[[Any], None], Any]:
         total = 0.0
         t = 0
         while True:  # the values, in order
-            record, lo, t = claim_chunk(plan, NEXT_VALUE_CHUNK, VALUE_CHUNKS, LOOKUPS, t)
+            record, lo, t = claim_chunk(plan, NEXT_VALUE_CHUNK, VALUE_CHUNKS, FIRST_VALUE_CHUNK,
+                                        t)
             if record < 0:
                 break
             lookups, width = plan[record + LOOKUPS], plan[record + WIDTH]
@@ -206,13 +204,14 @@ class Floor:
                 raise ValueError(f"values of table {k}: shape {tuple(table_values.shape)}, "
                                  f"expected ({table_ids.numel()}, {table.shape[1]})")
             keep += [rows, table_values]
-            row_chunks += _chunks(rows.numel())
-            value_chunks += _chunks(table_values.shape[0])
             at = HEADER + k * RECORD
             plan[at:at + RECORD] = [
                 table.data_ptr(), state.data_ptr(), table_values.data_ptr(), rows.data_ptr(),
                 rows.numel(), table_values.shape[0], table.shape[0], table.shape[1],
                 state.shape[1], row_chunks, value_chunks]
+            row_chunks += -(-rows.numel() // CHUNK_ROWS)
+            value_chunks += -(-table_values.shape[0] // CHUNK_ROWS)
+        plan[ROW_CHUNKS], plan[VALUE_CHUNKS] = row_chunks, value_chunks
         return Plan(plan, keep)
 
     def run(self, plan: Plan) -> float:

@@ -19,15 +19,17 @@ import random_row_floor  # noqa: E402
 
 
 def problem(seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Three tables of different shapes; ids with duplicates and a run of neighbours; one
-    table with no lookups; lookups not a multiple of the chunk size."""
+    """Four tables of different shapes; ids with duplicates and a run of neighbours; a
+    table with no lookups between tables with some; lookups not a multiple of the chunk
+    size."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = [(5_000, 7), (300, 64), (40, 3)]
+    shapes = [(5_000, 7), (300, 64), (40, 3), (60, 5)]
     tables = [torch.randn(rows, dim, generator=gen) for rows, dim in shapes]
     ids = [torch.cat([torch.randint(0, 5_000, (1_000,), generator=gen), torch.full((200,), 17),
                       torch.arange(100, 260)]),
            torch.randint(0, 300, (130,), generator=gen),
-           torch.empty(0, dtype=torch.int64)]
+           torch.empty(0, dtype=torch.int64),
+           torch.randint(0, 60, (90,), generator=gen)]
     values = [torch.randn(i.numel(), t.shape[1], generator=gen)
               for i, t in zip(ids, tables, strict=True)]
     return tables, ids, values
@@ -65,9 +67,9 @@ def test_floor_refuses_what_it_cannot_measure() -> None:
     tables, ids, values = problem()
     floor = random_row_floor.Floor(tables, threads=1)
     with pytest.raises(IndexError, match="out of range for 300 rows"):
-        floor.plan([ids[0], torch.tensor([300]), ids[2]], [values[0], values[1][:1], values[2]])
+        floor.plan([ids[0], torch.tensor([300]), *ids[2:]], [values[0], values[1][:1], *values[2:]])
     with pytest.raises(ValueError, match=r"expected \(130, 64\)"):
-        floor.plan(ids, [values[0], values[1][:, :3], values[2]])
+        floor.plan(ids, [values[0], values[1][:, :3], *values[2:]])
     with pytest.raises(ValueError, match="one ids and one values tensor per table"):
         floor.plan(ids[:2], values[:2])
     with pytest.raises(ValueError, match="float32 tables"):

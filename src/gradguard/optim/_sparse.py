@@ -308,13 +308,15 @@ class _Scratch:
         (scratch address, histograms address, slots, stride) for the frames."""
         import numpy as np
 
-        scratch, hist = self.scratch, self.hist
-        if scratch.shape[0] < slots or scratch.shape[2] < lookups + 1 or hist.shape[0] < slots:
+        scratch = self.scratch
+        grow_scratch = scratch.shape[0] < slots or scratch.shape[2] < lookups + 1
+        grow_hist = self.hist.shape[0] < slots
+        if grow_scratch or grow_hist:
             module = kernels()
-            if scratch.shape[0] < slots or scratch.shape[2] < lookups + 1:
+            if grow_scratch:
                 self.scratch = np.empty((max(slots, scratch.shape[0]), module.SCRATCH_ARRAYS,
                                          max(lookups + 1, scratch.shape[2])), np.int64)
-            if hist.shape[0] < slots:
+            if grow_hist:
                 self.hist = np.empty((slots, 1 << module.DIGIT_BITS), np.int64)
             self.fields = (self.scratch.ctypes.data, self.hist.ctypes.data,
                            self.scratch.shape[0], self.scratch.shape[2])
