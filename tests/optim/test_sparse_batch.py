@@ -332,13 +332,12 @@ def test_a_frame_lays_out_its_steps_again_when_the_threads_or_tuning_change(
             "adagrad", {"impl": "auto"}, table, grad, [sums], [-0.1, 1e-10, 1.0], None))
         return int(steps[0].threads)
 
-    before = torch.get_num_threads()
+    restore = threads(4)
     try:
-        torch.set_num_threads(4)
         assert threads_given() == 1  # 4,000 lookups: one thread per 2,048 rounds down to 1
         monkeypatch.setattr(_sparse, "ROWS_PER_THREAD", 1_000)
         assert threads_given() == 4
         torch.set_num_threads(2)
         assert threads_given() == 2
     finally:
-        torch.set_num_threads(before)
+        restore()
